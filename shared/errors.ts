@@ -1,0 +1,64 @@
+/**
+ * Named error classes shared by the agent and the coordinator. Domain code
+ * throws these; only the gRPC boundary (coordinator/grpc-errors.ts) turns them
+ * into status codes.
+ */
+
+/** Base class: every Ballast error has a stable `code` string for logs and tests. */
+export class BallastError extends Error {
+  /** Stable machine-readable kind, e.g. "invalid-argument". */
+  readonly code: string;
+  constructor(code: string, message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = new.target.name;
+    this.code = code;
+  }
+}
+
+/** A request or config value is malformed. Maps to INVALID_ARGUMENT. */
+export class InvalidArgumentError extends BallastError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super("invalid-argument", message, options);
+  }
+}
+
+/** A named thing (VM, migration) does not exist. Maps to NOT_FOUND. */
+export class NotFoundError extends BallastError {
+  constructor(message: string) {
+    super("not-found", message);
+  }
+}
+
+/** The request conflicts with current state (e.g. a migration already running). Maps to FAILED_PRECONDITION. */
+export class FailedPreconditionError extends BallastError {
+  constructor(message: string) {
+    super("failed-precondition", message);
+  }
+}
+
+/** A dependency (QMP, a peer coordinator) is unreachable right now. Maps to UNAVAILABLE. */
+export class UnavailableError extends BallastError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super("unavailable", message, options);
+  }
+}
+
+/** An operation ran past its deadline. Maps to DEADLINE_EXCEEDED. */
+export class DeadlineError extends BallastError {
+  constructor(message: string) {
+    super("deadline-exceeded", message);
+  }
+}
+
+/** A config file is malformed; names the file and the offending key. */
+export class ConfigError extends BallastError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super("config", message, options);
+  }
+}
+
+/** Renders any thrown value as a one-line message. */
+export function errorMessage(err: unknown): string {
+  if (err instanceof Error) return err.message;
+  return String(err);
+}
