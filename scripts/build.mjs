@@ -3,10 +3,13 @@
 import { build } from "esbuild";
 import { chmodSync } from "node:fs";
 
+// The agent runs in a guest that has only node and this one file, so it is
+// bundled whole. Host programs keep node_modules external: @grpc/reflection
+// and grpc-health-check load .proto files relative to their own folders.
 const entries = {
-  "ballast-agent": "agent/main.ts",
-  "ballast-coordinator": "coordinator/main.ts",
-  "ballastctl": "coordinator/ctl.ts",
+  "ballast-agent": { entry: "agent/main.ts", standalone: true },
+  "ballast-coordinator": { entry: "coordinator/main.ts", standalone: false },
+  "ballastctl": { entry: "coordinator/ctl.ts", standalone: false },
 };
 
 const banner = [
@@ -16,8 +19,8 @@ const banner = [
   "const require = __ballastCreateRequire(import.meta.url);",
 ].join("\n");
 
-for (const [name, entry] of Object.entries(entries)) {
-  const { existsSync } = await import("node:fs");
+const { existsSync } = await import("node:fs");
+for (const [name, { entry, standalone }] of Object.entries(entries)) {
   if (!existsSync(entry)) continue;
   const out = `dist/${name}.mjs`;
   await build({
@@ -29,6 +32,7 @@ for (const [name, entry] of Object.entries(entries)) {
     format: "esm",
     banner: { js: banner },
     logLevel: "warning",
+    packages: standalone ? "bundle" : "external",
     legalComments: "none",
   });
   chmodSync(out, 0o755);

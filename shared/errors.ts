@@ -62,3 +62,17 @@ export function errorMessage(err: unknown): string {
   if (err instanceof Error) return err.message;
   return String(err);
 }
+
+/** A caller claims an identity it does not have (e.g. an agent on another VM's port). Maps to PERMISSION_DENIED. */
+export class PermissionDeniedError extends BallastError {
+  constructor(message: string) {
+    super("permission-denied", message);
+  }
+}
+
+/** The operation was cancelled by a caller. Maps to CANCELLED. */
+export class CancelledError extends BallastError {
+  constructor(message: string) {
+    super("cancelled", message);
+  }
+}

@@ -370,14 +370,14 @@ export enum MigrationMode {
   PRECOPY = 1,
 
   /**
-   * Switch to post-copy as soon as the first pass is under way.
+   * Switch to post-copy as soon as the first pre-copy pass is under way.
    *
    * @generated from enum value: MIGRATION_MODE_POSTCOPY = 2;
    */
   POSTCOPY = 2,
 
   /**
-   * Run N pre-copy passes, then switch to post-copy.
+   * Complete N pre-copy passes (MigrateRequest.postcopy_after_passes), then switch to post-copy.
    *
    * @generated from enum value: MIGRATION_MODE_HYBRID = 3;
    */

@@ -1,0 +1,160 @@
+/**
+ * The migration record: everything the coordinator knows about one
+ * migration, in domain units (numbers, ms), plus its mapping to the wire.
+ */
+import { create } from "@bufbuild/protobuf";
+import { AgentState, BalloonStrategy, MigrationMode, MigrationStatsSchema, Phase, type MigrationStats } from "../gen/ballast/v1/common_pb.js";
+import { MigrationSchema, type Migration } from "../gen/ballast/v1/migration_pb.js";
+import { toNumber, toU64 } from "../shared/units.js";
+import type { MigrateStats } from "./qemu.js";
+
+/** Parameters of a migration after validation and defaults. */
+export interface MigrateParams {
+  vm: string;
+  destination: string;
+  mode: MigrationMode;
+  strategy: BalloonStrategy;
+  maxBandwidthBytesPerSec: number;
+  downtimeLimitMs: number;
+  prepareDeadlineMs: number;
+  postcopyAfterPasses: number;
+}
+
+/** Domain record of one migration; mutated only by its orchestrator. */
+export interface MigrationRecord extends MigrateParams {
+  id: string;
+  phase: Phase;
+  pass: number;
+  transferredBytes: number;
+  remainingBytes: number;
+  totalBytes: number;
+  balloonTargetBytes: number;
+  balloonActualBytes: number;
+  ramBytes: number;
+  agentState: AgentState;
+  createdMs: number;
+  updatedMs: number;
+  prepareMs: number;
+  migrateMs: number;
+  error: string;
+  balloonTargetBeforeBytes: number;
+  sourceStats?: MigrateStats;
+  destinationStats?: MigrateStats;
+  phases: { phase: Phase; pass: number; atMs: number }[];
+  balloonTimeline: { atMs: number; actualBytes: number; targetBytes: number }[];
+}
+
+/** Phases in which a migration is over. */
+export const FINAL_PHASES: ReadonlySet<Phase> = new Set([Phase.COMPLETED, Phase.FAILED, Phase.CANCELLED]);
+
+/** Whether the record has reached a final phase. */
+export function isFinal(r: Pick<MigrationRecord, "phase">): boolean {
+  return FINAL_PHASES.has(r.phase);
+}
+
+/** Maps domain stats to the wire message. */
+export function statsToProto(s: MigrateStats | undefined): MigrationStats | undefined {
+  if (!s) return undefined;
+  return create(MigrationStatsSchema, {
+    status: s.status,
+    totalTimeMs: BigInt(Math.round(s.totalTimeMs)),
+    downtimeMs: BigInt(Math.round(s.downtimeMs)),
+    setupTimeMs: BigInt(Math.round(s.setupTimeMs)),
+    transferredBytes: toU64(s.transferredBytes),
+    remainingBytes: toU64(s.remainingBytes),
+    totalBytes: toU64(s.totalBytes),
+    duplicatePages: toU64(s.duplicatePages),
+    normalPages: toU64(s.normalPages),
+    normalBytes: toU64(s.normalBytes),
+    dirtySyncCount: toU64(s.dirtySyncCount),
+    postcopyRequests: toU64(s.postcopyRequests),
+    precopyBytes: toU64(s.precopyBytes),
+    postcopyBytes: toU64(s.postcopyBytes),
+    postcopyBlocktimeMs: BigInt(Math.round(s.postcopyBlocktimeMs)),
+    mbps: s.mbps,
+    rawJson: JSON.stringify(s.raw ?? null),
+  });
+}
+
+/** Maps wire stats (e.g. from a peer) back to domain stats. */
+export function statsFromProto(st: MigrationStats): MigrateStats {
+  let raw: unknown = st.rawJson;
+  try {
+    raw = JSON.parse(st.rawJson);
+  } catch {
+    // keep the text as it came
+  }
+  return {
+    status: st.status,
+    totalTimeMs: toNumber(st.totalTimeMs),
+    downtimeMs: toNumber(st.downtimeMs),
+    setupTimeMs: toNumber(st.setupTimeMs),
+    transferredBytes: toNumber(st.transferredBytes),
+    remainingBytes: toNumber(st.remainingBytes),
+    totalBytes: toNumber(st.totalBytes),
+    duplicatePages: toNumber(st.duplicatePages),
+    normalPages: toNumber(st.normalPages),
+    normalBytes: toNumber(st.normalBytes),
+    dirtySyncCount: toNumber(st.dirtySyncCount),
+    postcopyRequests: toNumber(st.postcopyRequests),
+    precopyBytes: toNumber(st.precopyBytes),
+    postcopyBytes: toNumber(st.postcopyBytes),
+    postcopyBlocktimeMs: toNumber(st.postcopyBlocktimeMs),
+    mbps: st.mbps,
+    errorDesc: "",
+    raw,
+  };
+}
+
+/** Maps a record to the wire message. */
+export function recordToProto(r: MigrationRecord): Migration {
+  return create(MigrationSchema, {
+    id: r.id,
+    vm: r.vm,
+    destination: r.destination,
+    mode: r.mode,
+    balloonStrategy: r.strategy,
+    phase: r.phase,
+    pass: r.pass,
+    transferredBytes: toU64(r.transferredBytes),
+    remainingBytes: toU64(r.remainingBytes),
+    totalBytes: toU64(r.totalBytes),
+    balloon: { targetBytes: toU64(r.balloonTargetBytes), actualBytes: toU64(r.balloonActualBytes), ramBytes: toU64(r.ramBytes) },
+    agentState: r.agentState,
+    createdUnixMs: BigInt(r.createdMs),
+    updatedUnixMs: BigInt(r.updatedMs),
+    prepareMs: BigInt(Math.round(r.prepareMs)),
+    migrateMs: BigInt(Math.round(r.migrateMs)),
+    error: r.error,
+    balloonTargetBeforeBytes: toU64(r.balloonTargetBeforeBytes),
+    sourceStats: statsToProto(r.sourceStats),
+    destinationStats: statsToProto(r.destinationStats),
+    phases: r.phases.map((p) => ({ phase: p.phase, pass: p.pass, atUnixMs: BigInt(p.atMs) })),
+    balloonTimeline: r.balloonTimeline.map((b) => ({ atUnixMs: BigInt(b.atMs), actualBytes: toU64(b.actualBytes), targetBytes: toU64(b.targetBytes) })),
+  });
+}
+
+/** A fresh record in phase UNSPECIFIED. */
+export function newRecord(id: string, params: MigrateParams, nowMs: number): MigrationRecord {
+  return {
+    ...params,
+    id,
+    phase: Phase.UNSPECIFIED,
+    pass: 0,
+    transferredBytes: 0,
+    remainingBytes: 0,
+    totalBytes: 0,
+    balloonTargetBytes: 0,
+    balloonActualBytes: 0,
+    ramBytes: 0,
+    agentState: AgentState.DISCONNECTED,
+    createdMs: nowMs,
+    updatedMs: nowMs,
+    prepareMs: 0,
+    migrateMs: 0,
+    error: "",
+    balloonTargetBeforeBytes: 0,
+    phases: [],
+    balloonTimeline: [],
+  };
+}
