@@ -116,6 +116,8 @@ export function parseCoordinatorConfig(value: unknown, where = "config", baseDir
     if (agentIds.has(agentId)) throw new ConfigError(`${w}.agentId: duplicate agent id ${JSON.stringify(agentId)}`);
     agentIds.add(agentId);
     const floorBytes = sizeField(o, "floor", w, DEFAULT_FLOOR_BYTES);
+    // QEMU refuses a balloon target of 0, and no guest survives near it.
+    if (floorBytes < 16 * MiB) throw new ConfigError(`${w}.floor: ${floorBytes} bytes is below the 16 MiB minimum`);
     const maxBytes = sizeField(o, "max", w, 0);
     if (maxBytes !== 0 && maxBytes < floorBytes) throw new ConfigError(`${w}: max (${maxBytes}) is below floor (${floorBytes})`);
     const agentPort = optionalInt(o, "agentPort", w, 0, 0, 65535);

@@ -299,8 +299,8 @@ export class MigrationOrchestrator {
     const onEvent = (ev: QmpEvent) => {
       if (ev.event === "MIGRATION") {
         const status = String(ev.data.status ?? "");
-        if (status === "active" && r.phase !== Phase.PRECOPY_PASS) {
-          this.setPhase(run, Phase.PRECOPY_PASS, Math.max(1, r.pass));
+        if (status === "active") {
+          if (r.phase !== Phase.PRECOPY_PASS) this.setPhase(run, Phase.PRECOPY_PASS, Math.max(1, r.pass));
           if (r.mode === MigrationMode.POSTCOPY) startPostcopy();
         } else if (status === "postcopy-active") this.setPhase(run, Phase.POSTCOPY_ACTIVE);
         else if (status === "device" && r.phase !== Phase.SWITCHOVER && r.phase !== Phase.POSTCOPY_ACTIVE) this.setPhase(run, Phase.SWITCHOVER);

@@ -88,9 +88,9 @@ export function serviceDefinition(service: DescService): grpc.ServiceDefinition 
   return def;
 }
 
-function toServiceError(err: unknown, mapError: ErrorMapper): Partial<grpc.StatusObject> {
+function toServiceError(err: unknown, mapError: ErrorMapper): grpc.ServiceError {
   const { code, details } = mapError(err);
-  return { code, details, metadata: new grpc.Metadata() };
+  return Object.assign(new Error(details), { code, details, metadata: new grpc.Metadata() });
 }
 
 type AnyServerCall = grpc.ServerUnaryCall<unknown, unknown> | grpc.ServerWritableStream<unknown, unknown> | grpc.ServerDuplexStream<unknown, unknown>;
@@ -148,7 +148,8 @@ export function addService<S extends DescService>(
           const ctx = { ...base, send: writer(call, method.output) };
           fn(call.request, ctx).then(
             () => call.end(),
-            (err: unknown) => call.destroy(toServiceError(err, mapError) as Error),
+            // grpc-js turns an 'error' event into the call's final status; destroy() would drop it.
+            (err: unknown) => call.emit("error", toServiceError(err, mapError)),
           );
         }) as grpc.handleServerStreamingCall<unknown, unknown>;
         break;
@@ -162,7 +163,7 @@ export function addService<S extends DescService>(
           };
           fn(ctx).then(
             () => call.end(),
-            (err: unknown) => call.destroy(toServiceError(err, mapError) as Error),
+            (err: unknown) => call.emit("error", toServiceError(err, mapError)),
           );
         }) as grpc.handleBidiStreamingCall<unknown, unknown>;
         break;

@@ -1,0 +1,71 @@
+/**
+ * Runs the built `ballast-coordinator` as a real child process with a
+ * generated config, and the built `ballastctl` as a one-shot command.
+ */
+import { spawn, type ChildProcess } from "node:child_process";
+import { writeFileSync } from "node:fs";
+import { join, resolve } from "node:path";
+import { createInterface } from "node:readline";
+
+const ROOT = resolve(import.meta.dirname, "../..");
+
+/** A running coordinator process. */
+export interface CoordinatorProcess {
+  address: string;
+  /** Agent listener addresses by VM name, as the coordinator logged them. */
+  agents: Record<string, string>;
+  logs: Record<string, unknown>[];
+  stop(): Promise<void>;
+}
+
+/** Writes `config` to `<dir>/<name>.json`, starts the coordinator and waits until it serves. */
+export async function startCoordinatorProcess(dir: string, name: string, config: Record<string, unknown>): Promise<CoordinatorProcess> {
+  const file = join(dir, `${name}.json`);
+  writeFileSync(file, JSON.stringify(config, null, 2));
+  const child: ChildProcess = spawn(process.execPath, [join(ROOT, "dist/ballast-coordinator.mjs"), "serve", "--config", file], {
+    stdio: ["ignore", "pipe", "pipe"],
+    env: { ...process.env, LOG_LEVEL: "debug" },
+  });
+  const logs: Record<string, unknown>[] = [];
+  let stderr = "";
+  child.stderr?.on("data", (b: Buffer) => (stderr += b.toString()));
+  const exited = new Promise<void>((r) => child.on("exit", () => r()));
+  const serving = new Promise<Record<string, unknown>>((resolveServing, reject) => {
+    const rl = createInterface({ input: child.stdout! });
+    rl.on("line", (line) => {
+      try {
+        const rec = JSON.parse(line) as Record<string, unknown>;
+        logs.push(rec);
+        if (rec.msg === "coordinator serving") resolveServing(rec);
+      } catch {
+        logs.push({ raw: line });
+      }
+    });
+    child.on("exit", (code) => reject(new Error(`coordinator ${name} exited with ${code}: ${stderr}`)));
+  });
+  const rec = await serving;
+  return {
+    address: String(rec.address),
+    agents: (rec.agents ?? {}) as Record<string, string>,
+    logs,
+    async stop() {
+      if (child.exitCode !== null) return;
+      child.kill("SIGTERM");
+      const t = setTimeout(() => child.kill("SIGKILL"), 5000);
+      await exited;
+      clearTimeout(t);
+    },
+  };
+}
+
+/** Runs `ballastctl` with args; resolves with exit code and output. */
+export function runCtl(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  return new Promise((resolveRun) => {
+    const child = spawn(process.execPath, [join(ROOT, "dist/ballastctl.mjs"), ...args], { stdio: ["ignore", "pipe", "pipe"] });
+    let stdout = "";
+    let stderr = "";
+    child.stdout.on("data", (b: Buffer) => (stdout += b.toString()));
+    child.stderr.on("data", (b: Buffer) => (stderr += b.toString()));
+    child.on("exit", (code) => resolveRun({ code: code ?? -1, stdout, stderr }));
+  });
+}
