@@ -51,6 +51,7 @@ export class VmRuntime extends EventEmitter {
   private stopped = false;
   private connecting: Promise<void> | undefined;
   private retryTimer: NodeJS.Timeout | undefined;
+  private failedConnects = 0;
 
   constructor(options: VmRuntimeOptions) {
     super();
@@ -108,10 +109,14 @@ export class VmRuntime extends EventEmitter {
       } catch (err) {
         this.log.debug({ err: errorMessage(err) }, "QMP not reachable yet");
         this.connecting = undefined;
-        if (!this.stopped) this.retryTimer = setTimeout(() => void this.connectLoop(), this.retryMs);
+        // Back off to 5 s: a host may list many VMs whose QEMU is not up yet.
+        this.failedConnects++;
+        const delay = Math.min(5000, this.retryMs * 2 ** Math.min(this.failedConnects - 1, 4));
+        if (!this.stopped) this.retryTimer = setTimeout(() => void this.connectLoop(), delay);
         return;
       }
       this.connecting = undefined;
+      this.failedConnects = 0;
     })();
     await this.connecting;
   }
@@ -121,10 +126,11 @@ export class VmRuntime extends EventEmitter {
       this.ramBytes = await this.qemu.ramSizeBytes();
       await this.refreshRunState();
       const maxBytes = this.config.maxBytes === 0 ? this.ramBytes : Math.min(this.config.maxBytes, this.ramBytes);
-      if (!this.balloon) {
-        this.balloon = new BalloonController(this.qemu, { floorBytes: Math.min(this.config.floorBytes, maxBytes), maxBytes, logger: this.log });
-        this.balloon.on("state", (s: { targetBytes: number; actualBytes: number }) => this.emit("balloon", s));
-      }
+      // A reconnect may reach a different QEMU process (e.g. a new incoming
+      // instance on the same socket path), so balloon state starts afresh.
+      this.balloon?.dispose();
+      this.balloon = new BalloonController(this.qemu, { floorBytes: Math.min(this.config.floorBytes, maxBytes), maxBytes, logger: this.log });
+      this.balloon.on("state", (s: { targetBytes: number | undefined; actualBytes: number | undefined }) => this.emit("balloon", s));
       try {
         await this.balloon.refresh();
       } catch (err) {

@@ -159,7 +159,9 @@ export function addService<S extends DescService>(
           const ctx = {
             ...base,
             send: writer(call, method.output),
-            [Symbol.asyncIterator]: () => (call as AsyncIterable<unknown>)[Symbol.asyncIterator](),
+            // Node's default stream iterator destroys the duplex when the read side
+            // ends, which would drop our final status; keep the write side alive.
+            [Symbol.asyncIterator]: () => call.iterator({ destroyOnReturn: false })[Symbol.asyncIterator](),
           };
           fn(ctx).then(
             () => call.end(),

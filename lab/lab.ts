@@ -1,0 +1,226 @@
+/**
+ * The two-host lab: host "a" and host "b", each a coordinator process plus a
+ * QEMU slot, on one machine. One guest lives on whichever host is active; a
+ * migration starts an incoming QEMU on the other host and moves the guest
+ * there. Because the guest can go back and forth, a test can migrate the
+ * same guest state twice (plain, then Ballast) and compare like for like.
+ *
+ * Each host's QEMU forwards the guest's 10.0.2.100:50051 to that host's
+ * coordinator agent port on 127.0.0.1, so after switchover the agent
+ * re-attaches to the destination's coordinator, as between real hypervisors.
+ */
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join, resolve } from "node:path";
+import { MigrationMode, Phase } from "../gen/ballast/v1/common_pb.js";
+import { MigrationService, type MigrateRequestSchema, type Migration } from "../gen/ballast/v1/migration_pb.js";
+import { VmService, type Vm } from "../gen/ballast/v1/vm_pb.js";
+import type { MessageInitShape } from "@bufbuild/protobuf";
+import { DeadlineError, FailedPreconditionError } from "../shared/errors.js";
+import { createClient, type Client } from "../shared/grpc-adapter.js";
+import { silentLogger, type Logger } from "../shared/logger.js";
+import { freePorts } from "./ports.js";
+import { startCoordinatorProcess, type CoordinatorProcess } from "./coordinator-process.js";
+import { ensureGuestImage, type GuestImage } from "./guest-image.js";
+import { GuestShell } from "./serial-shell.js";
+import { startVm, vmPaths, type VmHandle } from "./vm.js";
+
+/** A lab host name. */
+export type HostName = "a" | "b";
+
+/** Options for {@link Lab.start}. */
+export interface LabOptions {
+  /** Work directory for sockets and logs. Default: a fresh folder in /tmp (short, for unix socket paths). */
+  workDir?: string;
+  /** Guest RAM. Default 1024 MiB. */
+  memMiB?: number;
+  /** Balloon free-page-reporting on both hosts. Default false. */
+  freePageReporting?: boolean;
+  /** Attach the 500 MiB data disk as /dev/vdb. Default true. */
+  dataDisk?: boolean;
+  /** Run the guest agent. Default true. */
+  agent?: boolean;
+  /** Coordinators tell agents to self-balloon outside migrations. Default false (so a plain run is plain). */
+  steadyState?: boolean;
+  /** Agent sample interval pushed by the coordinators. Default 1000 ms. */
+  sampleIntervalMs?: number;
+  /** Balloon floor for the VM. Default "256MiB". */
+  floor?: string;
+  /** A prebuilt image; default: ensureGuestImage with dist/ballast-agent.mjs. */
+  image?: GuestImage;
+  /** Progress lines for people ("booting guest on host a"). */
+  onProgress?: (step: string) => void;
+  logger?: Logger;
+}
+
+/** One lab host. */
+export interface LabHost {
+  name: HostName;
+  coordinator: CoordinatorProcess;
+  agentPort: number;
+  migrations: Client<typeof MigrationService>;
+  vms: Client<typeof VmService>;
+  /** The QEMU on this host, if one runs. */
+  vm?: VmHandle;
+}
+
+const VM_NAME = "vm1";
+const ROOT = resolve(import.meta.dirname, "..");
+
+/** A running two-host lab with one guest. */
+export class Lab {
+  /** The host the guest runs on now. */
+  active: HostName = "a";
+  /** The root shell on the guest's serial console (reconnected after each migration). */
+  shell!: GuestShell;
+  private readonly log: Logger;
+
+  private constructor(
+    readonly hosts: Record<HostName, LabHost>,
+    readonly image: GuestImage,
+    readonly workDir: string,
+    private readonly options: LabOptions,
+    private readonly ownsWorkDir: boolean,
+  ) {
+    this.log = (options.logger ?? silentLogger()).child({ component: "lab" });
+  }
+
+  /** Builds or reuses the guest image, starts both coordinators and boots the guest on host a. */
+  static async start(options: LabOptions = {}): Promise<Lab> {
+    const progress = options.onProgress ?? (() => {});
+    const image =
+      options.image ?? (await ensureGuestImage({ agentBundle: join(ROOT, "dist/ballast-agent.mjs"), onProgress: progress, logger: options.logger }));
+    const ownsWorkDir = options.workDir === undefined;
+    const workDir = options.workDir ?? mkdtempSync(join(tmpdir(), "blab-"));
+    const [portA, portB] = (await freePorts(2)) as [number, number];
+    progress("starting coordinators on host a and host b");
+    const started: CoordinatorProcess[] = [];
+    try {
+      const host = async (name: HostName, agentPort: number): Promise<LabHost> => {
+        const coordinator = await startCoordinatorProcess(workDir, `coordinator-${name}`, {
+          hostId: `host-${name}`,
+          listen: "127.0.0.1:0",
+          defaults: { steadyState: options.steadyState ?? false, sampleIntervalMs: options.sampleIntervalMs ?? 1000 },
+          vms: [{ name: VM_NAME, qmpSocket: vmPaths(workDir, name).qmpPath, agentId: VM_NAME, floor: options.floor ?? "256MiB", agentPort }],
+        });
+        started.push(coordinator);
+        return {
+          name,
+          coordinator,
+          agentPort,
+          migrations: createClient(MigrationService, coordinator.address),
+          vms: createClient(VmService, coordinator.address),
+        };
+      };
+      const hosts = { a: await host("a", portA), b: await host("b", portB) };
+      const lab = new Lab(hosts, image, workDir, options, ownsWorkDir);
+      progress("booting the guest on host a");
+      hosts.a.vm = await lab.startQemu("a", false);
+      lab.shell = await GuestShell.connect(hosts.a.vm.serialPath, { logger: options.logger });
+      await lab.shell.ready(120_000);
+      if (options.agent !== false) {
+        progress("waiting for the guest agent to attach");
+        await lab.waitVm("a", (vm) => vm.agentConnected, "agent attached on host a", 60_000);
+      }
+      return lab;
+    } catch (err) {
+      await Promise.all(started.map((c) => c.stop()));
+      if (ownsWorkDir) rmSync(workDir, { recursive: true, force: true });
+      throw err;
+    }
+  }
+
+  /** The host the guest is not on. */
+  get other(): HostName {
+    return this.active === "a" ? "b" : "a";
+  }
+
+  private startQemu(name: HostName, incoming: boolean): Promise<VmHandle> {
+    return startVm({
+      name,
+      workDir: this.workDir,
+      image: this.image,
+      memMiB: this.options.memMiB ?? 1024,
+      guestfwdPort: this.hosts[name].agentPort,
+      incoming,
+      freePageReporting: this.options.freePageReporting ?? false,
+      dataDisk: this.options.dataDisk ?? true,
+      vmId: VM_NAME,
+      agent: this.options.agent ?? true,
+      logger: this.options.logger,
+    });
+  }
+
+  /** Polls a host's GetVm until `pred` holds. */
+  async waitVm(host: HostName, pred: (vm: Vm) => boolean, what: string, timeoutMs = 30_000): Promise<Vm> {
+    const until = Date.now() + timeoutMs;
+    let last: Vm | undefined;
+    for (;;) {
+      try {
+        last = (await this.hosts[host].vms.getVm({ name: VM_NAME }, { deadlineMs: 5000 })).vm;
+        if (last && pred(last)) return last;
+      } catch {
+        // The coordinator may be between QMP connections; keep polling.
+      }
+      if (Date.now() > until) throw new DeadlineError(`lab: timed out after ${timeoutMs} ms waiting for ${what}`);
+      await new Promise((r) => setTimeout(r, 200));
+    }
+  }
+
+  /** The VM as the active host's coordinator sees it. */
+  async vm(host: HostName = this.active): Promise<Vm> {
+    const { vm } = await this.hosts[host].vms.getVm({ name: VM_NAME });
+    if (!vm) throw new FailedPreconditionError("lab: coordinator returned no VM");
+    return vm;
+  }
+
+  /**
+   * Migrates the guest to the other host and returns the final record.
+   * On success the old QEMU is stopped, the shell follows the guest, and
+   * (with an agent) this waits until the agent has re-attached.
+   */
+  async migrate(
+    request: Omit<MessageInitShape<typeof MigrateRequestSchema>, "vm" | "destination" | "$typeName">,
+    onUpdate?: (m: Migration) => void,
+  ): Promise<Migration> {
+    const from = this.hosts[this.active];
+    const to = this.hosts[this.other];
+    to.vm = await this.startQemu(to.name, true);
+    await this.waitVm(to.name, (vm) => vm.qmpConnected && vm.runState === "inmigrate", `incoming QEMU on host ${to.name}`);
+    let last: Migration | undefined;
+    for await (const msg of from.migrations.migrate({ ...request, vm: VM_NAME, destination: to.coordinator.address })) {
+      if (!msg.migration) continue;
+      last = msg.migration;
+      onUpdate?.(last);
+    }
+    if (!last) throw new FailedPreconditionError("lab: migrate stream ended without a record");
+    if (last.phase !== Phase.COMPLETED) {
+      this.log.warn({ phase: Phase[last.phase], error: last.error }, "migration did not complete; guest stays on the source");
+      await to.vm.stop();
+      to.vm = undefined;
+      return last;
+    }
+    await from.vm?.stop();
+    from.vm = undefined;
+    this.active = to.name;
+    this.shell.close();
+    this.shell = await GuestShell.connect(to.vm.serialPath, { logger: this.options.logger });
+    await this.shell.ready(30_000);
+    if (this.options.agent !== false) await this.waitVm(to.name, (vm) => vm.agentConnected, `agent re-attached on host ${to.name}`, 60_000);
+    return last;
+  }
+
+  /** Stops every process the lab started, by PID, and removes its work dir if it made it. */
+  async stop(): Promise<void> {
+    this.shell?.close();
+    for (const h of Object.values(this.hosts)) {
+      h.migrations.close();
+      h.vms.close();
+    }
+    await Promise.all(Object.values(this.hosts).map(async (h) => h.vm?.stop()));
+    await Promise.all(Object.values(this.hosts).map((h) => h.coordinator.stop()));
+    if (this.ownsWorkDir) rmSync(this.workDir, { recursive: true, force: true });
+  }
+}
+
+export { MigrationMode, Phase };

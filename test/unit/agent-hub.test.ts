@@ -1,0 +1,103 @@
+/**
+ * The agent hub over real gRPC on loopback: identity checks, error statuses
+ * through the adapter, and session replacement. The VM has no QEMU behind it.
+ */
+import * as grpc from "@grpc/grpc-js";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { AgentService, type SessionResponse } from "../../gen/ballast/v1/agent_pb.js";
+import { AgentHub } from "../../coordinator/agent-hub.js";
+import { toGrpcStatus } from "../../coordinator/grpc-errors.js";
+import { agentService, type Domain } from "../../coordinator/services.js";
+import { VmRuntime } from "../../coordinator/vm-runtime.js";
+import { addService, createClient } from "../../shared/grpc-adapter.js";
+import { silentLogger } from "../../shared/logger.js";
+
+const logger = silentLogger();
+const defaults = { maxBandwidthBytesPerSec: 1e8, downtimeLimitMs: 300, prepareDeadlineMs: 1000, steadyState: true, sampleIntervalMs: 750 };
+const mkVm = (name: string, agentId: string, agentPort: number) =>
+  new VmRuntime({ config: { name, qmpSocket: `/nonexistent/${name}.qmp`, agentId, floorBytes: 64 << 20, maxBytes: 0, agentPort }, logger });
+
+let server: grpc.Server;
+let shared = "";
+let bound = "";
+const vms = new Map<string, VmRuntime>();
+let hub: AgentHub;
+
+beforeAll(async () => {
+  vms.set("vm1", mkVm("vm1", "agent-1", 0));
+  vms.set("vm2", mkVm("vm2", "agent-2", 1));
+  hub = new AgentHub({ hostId: "h1", vms, defaults, logger, helloTimeoutMs: 500 });
+  const domain = { vms, hub, defaults } as unknown as Domain;
+  server = new grpc.Server();
+  addService(server, AgentService, agentService(domain), toGrpcStatus);
+  const boundServer = new grpc.Server();
+  addService(boundServer, AgentService, agentService(domain, vms.get("vm2")), toGrpcStatus);
+  const bind = (s: grpc.Server) =>
+    new Promise<number>((res, rej) => s.bindAsync("127.0.0.1:0", grpc.ServerCredentials.createInsecure(), (e, p) => (e ? rej(e) : res(p))));
+  shared = `127.0.0.1:${await bind(server)}`;
+  bound = `127.0.0.1:${await bind(boundServer)}`;
+});
+
+afterAll(() => {
+  server.forceShutdown();
+});
+
+async function session(address: string, first: Parameters<ReturnType<ReturnType<typeof createClient<typeof AgentService>>["session"]>["send"]>[0] | undefined) {
+  const client = createClient(AgentService, address);
+  const stream = client.session();
+  if (first) await stream.send(first);
+  const got: SessionResponse[] = [];
+  const done = (async () => {
+    try {
+      for await (const m of stream) got.push(m);
+      return undefined;
+    } catch (err) {
+      return err as grpc.ServiceError;
+    }
+  })();
+  return { client, stream, got, done };
+}
+
+describe("AgentHub sessions", () => {
+  it.each([
+    ["a first message that is not hello", () => shared, { msg: { case: "phaseAck" as const, value: {} } }, grpc.status.INVALID_ARGUMENT, "first session message must be hello"],
+    ["an empty vm id", () => shared, { msg: { case: "hello" as const, value: { vmId: "" } } }, grpc.status.INVALID_ARGUMENT, "vm_id is empty"],
+    ["an unknown agent id", () => shared, { msg: { case: "hello" as const, value: { vmId: "nobody" } } }, grpc.status.NOT_FOUND, "no VM with agent id"],
+    ["another VM's id on a bound port", () => bound, { msg: { case: "hello" as const, value: { vmId: "agent-1" } } }, grpc.status.PERMISSION_DENIED, "claims to be"],
+    ["a bound VM's id on the shared port", () => shared, { msg: { case: "hello" as const, value: { vmId: "agent-2" } } }, grpc.status.PERMISSION_DENIED, "must attach on its own agent port"],
+    ["silence instead of hello", () => shared, undefined, grpc.status.INVALID_ARGUMENT, "no hello within"],
+  ])("refuses %s", async (_n, address, first, code, text) => {
+    const s = await session(address(), first);
+    const err = await s.done;
+    expect(err?.code).toBe(code);
+    expect(err?.details).toContain(text);
+    s.client.close();
+  });
+
+  it("welcomes a valid agent with policy, then replaces it with a newer session", async () => {
+    const a = await session(bound, { msg: { case: "hello", value: { vmId: "agent-2", agentVersion: "t" } } });
+    const until = Date.now() + 5000;
+    while (a.got.length < 2 && Date.now() < until) await new Promise((r) => setTimeout(r, 20));
+    expect(a.got[0]?.msg.case).toBe("welcome");
+    expect(a.got[0]?.msg.value).toMatchObject({ vmName: "vm2", hostId: "h1" });
+    expect(a.got[1]?.msg.case).toBe("policy");
+    expect(a.got[1]?.msg.value).toMatchObject({ sampleIntervalMs: 750, steadyState: true, floorBytes: BigInt(64 << 20) });
+    expect(hub.session("vm2")?.hello.agentVersion).toBe("t");
+
+    const b = await session(bound, { msg: { case: "hello", value: { vmId: "agent-2", agentVersion: "t2" } } });
+    // The older stream ends cleanly once the new one is attached.
+    expect(await a.done).toBeUndefined();
+    expect(hub.session("vm2")?.hello.agentVersion).toBe("t2");
+
+    // A sample that contradicts itself is refused and not stored.
+    await b.stream.send({ msg: { case: "sample", value: { memTotalBytes: 100n, memFreeBytes: 200n } } });
+    await b.stream.send({ msg: { case: "sample", value: { memTotalBytes: 1000n, memFreeBytes: 200n, memAvailableBytes: 300n } } });
+    const until2 = Date.now() + 5000;
+    while (!vms.get("vm2")?.lastSample && Date.now() < until2) await new Promise((r) => setTimeout(r, 20));
+    expect(vms.get("vm2")?.lastSample?.memTotalBytes).toBe(1000n);
+    b.stream.end();
+    await b.done;
+    a.client.close();
+    b.client.close();
+  });
+});
