@@ -14,7 +14,7 @@ import { createClient } from "../../shared/grpc-adapter.js";
 import { freePort } from "../../shared/net.js";
 import { MiB } from "../../shared/units.js";
 import { startBareQemu, type BareQemu } from "../helpers/bare-qemu.js";
-import { runCtl, startCoordinatorProcess, type CoordinatorProcess } from "../helpers/coordinator-process.js";
+import { runCtl, startCoordinatorProcess, type CoordinatorProcess } from "../../lab/coordinator-process.js";
 import { attachScriptedAgent, type ScriptedAgent } from "../helpers/scripted-agent.js";
 
 interface Rig {
