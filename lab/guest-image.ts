@@ -5,15 +5,26 @@
  * - a gzip cpio initramfs with busybox and the virtio/squashfs modules;
  * - a read-only squashfs root with busybox, node, the agent bundle and the
  *   workload script;
- * - a 500 MiB raw disk of random bytes for page-cache workloads.
+ * - a data disk for page-cache workloads: an uncompressed squashfs holding
+ *   one 500 MiB file of random bytes (`/blob`), which the guest mounts
+ *   read-only at `/data` (so `/data/blob`).
  *
  * Why a squashfs root: node then pages in as reclaimable page cache, which
  * is what a production guest looks like; copying node into a tmpfs or the
  * initramfs would add ~105 MiB of unreclaimable Shmem and distort every
  * balloon number (see /work/shared/rig-notes.md).
+ *
+ * Why a filesystem on the data disk rather than raw bytes read from
+ * /dev/vdb: a file's pages are counted as `Cached` in /proc/meminfo, like
+ * the clean page cache of a production guest, and they stay cached after the
+ * reader exits because the mount keeps the device open. A raw block device's
+ * cache is counted as `Buffers` instead and is dropped on its last close.
+ * The squashfs is uncompressed so every cached page holds incompressible
+ * random bytes, and it builds in about a second (mksquashfs streams the blob
+ * from /dev/urandom; no staging copy).
  */
 import { spawn, spawnSync } from "node:child_process";
-import { createHash, randomFillSync } from "node:crypto";
+import { createHash } from "node:crypto";
 import {
   chmodSync,
   closeSync,
@@ -33,7 +44,6 @@ import {
   symlinkSync,
   utimesSync,
   writeFileSync,
-  writeSync,
 } from "node:fs";
 import { homedir } from "node:os";
 import path from "node:path";
@@ -62,14 +72,22 @@ export interface GuestImage {
   initrd: string;
   /** squashfs root, attached as the first virtio-blk disk (/dev/vda). */
   rootfs: string;
-  /** 500 MiB of random bytes, attached read-only as /dev/vdb for page-cache workloads. */
+  /**
+   * Uncompressed squashfs with one file, `/blob`, of {@link DATA_DISK_BYTES}
+   * random bytes. Attached read-only as /dev/vdb; the guest's rc.sysinit
+   * mounts it at /data, so workloads read {@link GUEST_DATA_BLOB}.
+   */
   dataDisk: string;
   /** The guest's `uname -r`, e.g. "6.1.0-56-amd64". */
   kernelVersion: string;
 }
 
-/** Size of the cached random data disk. */
+/** Size of the random file (`/blob`) on the cached data disk. */
 export const DATA_DISK_BYTES = 500 * MiB;
+/** Where the data disk is mounted in the guest (by rc.sysinit). */
+export const GUEST_DATA_MOUNT = "/data";
+/** The random file on the data disk, as the guest sees it; `workload.mjs cache-read` reads it by default. */
+export const GUEST_DATA_BLOB = "/data/blob";
 
 /** Guest paths of the programs installed in the root image. */
 export const GUEST_AGENT_PATH = "/opt/ballast/ballast-agent.mjs";
@@ -77,7 +95,23 @@ export const GUEST_AGENT_PATH = "/opt/ballast/ballast-agent.mjs";
 export const GUEST_WORKLOAD_PATH = "/opt/ballast/workload.mjs";
 
 // Bump when the build recipe changes in a way the hashed inputs do not show.
-const BUILDER_VERSION = 1;
+// 2: /data mount point in the root for the squashfs data disk.
+const BUILDER_VERSION = 2;
+
+// The data disk recipe: its hash names the cached file, so any change here
+// (or a bump of DATA_DISK_VERSION for changes these values do not show)
+// builds a new disk instead of reusing a stale one.
+const DATA_DISK_VERSION = 1;
+const DATA_DISK_RECIPE = {
+  version: DATA_DISK_VERSION,
+  format: "squashfs",
+  file: "blob",
+  bytes: DATA_DISK_BYTES,
+  source: "/dev/urandom",
+  // Uncompressed everything: cached pages must hold incompressible random
+  // bytes, and no compression keeps the build at about a second.
+  mksquashfs: ["-noappend", "-all-root", "-no-xattrs", "-noI", "-noD", "-noF", "-noX", "-no-fragments", "-no-duplicates", "-quiet", "-no-progress"],
+} as const;
 
 // Modules the guest needs, by module name; their dependencies are added from
 // each .ko's depends= field. failover/net_failover come in via virtio_net.
@@ -100,6 +134,8 @@ const REQUIRED_TOOLS: ReadonlyArray<{ command: string; pkg: string; staticElf?: 
   { command: "cpio", pkg: "cpio" },
   { command: "socat", pkg: "socat" },
   { command: "mksquashfs", pkg: "squashfs-tools" },
+  // Checks the data disk after building it.
+  { command: "unsquashfs", pkg: "squashfs-tools" },
 ];
 const APT_PACKAGES = [...new Set(REQUIRED_TOOLS.map((t) => t.pkg))];
 const APT_TOOLS = ["apt-get", "apt-cache", "dpkg", "ldd"];
@@ -150,8 +186,7 @@ export async function ensureGuestImage(options: GuestImageOptions): Promise<Gues
   }
   pruneImages(path.join(cacheDir, "images"), imageDir, log);
 
-  const dataDisk = path.join(cacheDir, "data.img");
-  ensureDataDisk(dataDisk, progress);
+  const dataDisk = await ensureDataDisk(cacheDir, progress, log);
 
   progress("guest image ready");
   return {
@@ -629,7 +664,7 @@ function populateRoot(stagingDir: string, inputs: BuildInputs): void {
     root.symlink(guestPath, "/bin/busybox");
   }
 
-  for (const dir of ["/proc", "/sys", "/dev", "/tmp", "/run", "/root", "/mnt", "/var", "/opt/ballast", "/etc/ballast", "/usr/local/bin"]) root.mkdirp(dir);
+  for (const dir of ["/proc", "/sys", "/dev", "/tmp", "/run", "/root", "/mnt", GUEST_DATA_MOUNT, "/var", "/opt/ballast", "/etc/ballast", "/usr/local/bin"]) root.mkdirp(dir);
   root.symlink("/var/tmp", "/tmp");
   root.symlink("/var/run", "/run");
   root.symlink("/var/log", "/tmp");
@@ -844,27 +879,87 @@ function pad4(len: number): Buffer {
 // --------------------------------------------------------------------------
 // Data disk
 
-function ensureDataDisk(file: string, progress: (s: string) => void): void {
-  try {
-    if (statSync(file).size === DATA_DISK_BYTES) return;
-  } catch {
-    // not there yet
-  }
-  progress(`creating data disk (${DATA_DISK_BYTES / MiB} MiB of random bytes)`);
-  const tmp = `${file}.tmp-${process.pid}`;
-  const fd = openSync(tmp, "w");
-  try {
-    // Random, so that every cached page is non-zero and incompressible: QEMU
-    // sends zero pages almost for free, which would hide the cost of cache.
-    const chunk = Buffer.allocUnsafe(8 * MiB);
-    for (let done = 0; done < DATA_DISK_BYTES; done += chunk.length) {
-      randomFillSync(chunk);
-      writeSync(fd, chunk, 0, Math.min(chunk.length, DATA_DISK_BYTES - done));
+/**
+ * Makes sure the data disk for the current {@link DATA_DISK_RECIPE} exists in
+ * `cacheDir/data/` and returns its path. The file name carries the recipe's
+ * hash, so a changed recipe builds a new disk; disks of other recipes (and
+ * the raw `data.img` of older builders) are pruned once unused for a while.
+ */
+async function ensureDataDisk(cacheDir: string, progress: (s: string) => void, log: Logger): Promise<string> {
+  const key = sha256(JSON.stringify(DATA_DISK_RECIPE)).slice(0, 16);
+  const dir = path.join(cacheDir, "data");
+  const file = path.join(dir, `data-${key}.squashfs`);
+  mkdirSync(dir, { recursive: true });
+  if (existsSync(file)) {
+    const now = new Date();
+    utimesSync(file, now, now);
+  } else {
+    progress(`creating data disk (squashfs, /blob of ${DATA_DISK_BYTES / MiB} MiB random bytes)`);
+    const tmp = `${file}.tmp-${process.pid}`;
+    const empty = path.join(dir, `.empty-${process.pid}`);
+    rmSync(tmp, { force: true });
+    rmSync(empty, { recursive: true, force: true });
+    mkdirSync(empty);
+    try {
+      // A pseudo file: mksquashfs runs the command and stores its output as
+      // /blob, so the 500 MiB never needs a staging copy on the host.
+      // Random, so that every cached page is non-zero and incompressible:
+      // QEMU sends zero pages almost for free, which would hide the cost of cache.
+      const pseudo = `${DATA_DISK_RECIPE.file} f 444 0 0 head -c ${DATA_DISK_RECIPE.bytes} ${DATA_DISK_RECIPE.source}`;
+      await run("mksquashfs", [empty, tmp, ...DATA_DISK_RECIPE.mksquashfs, "-p", pseudo]);
+      const size = dataDiskBlobSize(tmp);
+      if (size !== DATA_DISK_BYTES) {
+        throw new FailedPreconditionError(`ensureGuestImage: data disk /${DATA_DISK_RECIPE.file} has ${size} bytes, expected ${DATA_DISK_BYTES}`);
+      }
+      renameSync(tmp, file);
+    } finally {
+      rmSync(tmp, { force: true });
+      rmSync(empty, { recursive: true, force: true });
     }
-  } finally {
-    closeSync(fd);
+    log.info({ file, bytes: statSync(file).size }, "built data disk");
   }
-  renameSync(tmp, file);
+  pruneDataDisks(cacheDir, file, log);
+  return file;
+}
+
+/** The size of /blob in a data disk image, from `unsquashfs -lls`; -1 when absent. */
+function dataDiskBlobSize(image: string): number {
+  const listing = spawnSyncText("unsquashfs", ["-lls", "-d", "", image]);
+  for (const line of listing.split("\n")) {
+    // -r--r--r-- root/root         524288000 2026-11-25 13:58 /blob
+    const m = /^\S+\s+\S+\s+(\d+)\s+\S+\s+\S+\s+(\S+)$/.exec(line.trim());
+    if (m && m[2] === `/${DATA_DISK_RECIPE.file}`) return Number(m[1]);
+  }
+  return -1;
+}
+
+// Another test process may have a disk of another recipe open in QEMU right
+// now; unlinking is safe for QEMU, but one that is about to start would fail,
+// so only disks unused for a while go.
+function pruneDataDisks(cacheDir: string, keep: string, log: Logger): void {
+  const STALE_MS = 60 * 60 * 1000;
+  const candidates = [path.join(cacheDir, "data.img")];
+  const dir = path.dirname(keep);
+  try {
+    for (const f of readdirSync(dir)) candidates.push(path.join(dir, f));
+  } catch {
+    // nothing to prune
+  }
+  for (const f of candidates) {
+    if (f === keep) continue;
+    const m = /\.(?:tmp|empty)-(\d+)$/.exec(f);
+    try {
+      if (m) {
+        if (!pidAlive(Number(m[1]))) rmSync(f, { recursive: true, force: true });
+        continue;
+      }
+      if (Date.now() - statSync(f).mtimeMs < STALE_MS) continue;
+      log.info({ file: f }, "pruning old data disk");
+      rmSync(f, { force: true });
+    } catch {
+      // already gone
+    }
+  }
 }
 
 // --------------------------------------------------------------------------

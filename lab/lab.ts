@@ -19,7 +19,7 @@ import type { MessageInitShape } from "@bufbuild/protobuf";
 import { DeadlineError, FailedPreconditionError } from "../shared/errors.js";
 import { createClient, type Client } from "../shared/grpc-adapter.js";
 import { silentLogger, type Logger } from "../shared/logger.js";
-import { freePorts } from "./ports.js";
+import { freePorts } from "../shared/net.js";
 import { startCoordinatorProcess, type CoordinatorProcess } from "./coordinator-process.js";
 import { ensureGuestImage, type GuestImage } from "./guest-image.js";
 import { GuestShell } from "./serial-shell.js";
@@ -178,34 +178,50 @@ export class Lab {
    * Migrates the guest to the other host and returns the final record.
    * On success the old QEMU is stopped, the shell follows the guest, and
    * (with an agent) this waits until the agent has re-attached.
+   *
+   * `onPostcopy` runs once when the migration reaches POSTCOPY_ACTIVE, with
+   * the shell already moved to the destination (the guest runs there now).
    */
   async migrate(
     request: Omit<MessageInitShape<typeof MigrateRequestSchema>, "vm" | "destination" | "$typeName">,
-    onUpdate?: (m: Migration) => void,
+    hooks: { onUpdate?: (m: Migration) => void; onPostcopy?: (shell: GuestShell) => Promise<void> } = {},
   ): Promise<Migration> {
     const from = this.hosts[this.active];
     const to = this.hosts[this.other];
-    to.vm = await this.startQemu(to.name, true);
+    const incoming = await this.startQemu(to.name, true);
+    to.vm = incoming;
     await this.waitVm(to.name, (vm) => vm.qmpConnected && vm.runState === "inmigrate", `incoming QEMU on host ${to.name}`);
     let last: Migration | undefined;
+    let moved = false;
+    let hook: Promise<void> | undefined;
+    const moveShell = async () => {
+      if (moved) return;
+      moved = true;
+      this.shell.close();
+      this.shell = await GuestShell.connect(incoming.serialPath, { logger: this.options.logger });
+    };
     for await (const msg of from.migrations.migrate({ ...request, vm: VM_NAME, destination: to.coordinator.address })) {
       if (!msg.migration) continue;
       last = msg.migration;
-      onUpdate?.(last);
+      hooks.onUpdate?.(last);
+      if (last.phase === Phase.POSTCOPY_ACTIVE && hooks.onPostcopy && !hook) {
+        const run = hooks.onPostcopy;
+        hook = moveShell().then(() => run(this.shell));
+      }
     }
+    if (hook) await hook;
     if (!last) throw new FailedPreconditionError("lab: migrate stream ended without a record");
     if (last.phase !== Phase.COMPLETED) {
       this.log.warn({ phase: Phase[last.phase], error: last.error }, "migration did not complete; guest stays on the source");
-      await to.vm.stop();
+      await incoming.stop();
       to.vm = undefined;
       return last;
     }
     await from.vm?.stop();
     from.vm = undefined;
     this.active = to.name;
-    this.shell.close();
-    this.shell = await GuestShell.connect(to.vm.serialPath, { logger: this.options.logger });
-    await this.shell.ready(30_000);
+    await moveShell();
+    await this.shell.ready(60_000);
     if (this.options.agent !== false) await this.waitVm(to.name, (vm) => vm.agentConnected, `agent re-attached on host ${to.name}`, 60_000);
     return last;
   }

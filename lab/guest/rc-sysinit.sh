@@ -25,12 +25,23 @@ fi
 # panics still print: the kernel raises the console level for those itself.
 echo 1 > /proc/sys/kernel/printk
 
-# Hold the optional data disk (/dev/vdb) open, the way a mounted filesystem
-# would. Linux drops a block device's page cache on its last close, so
-# without a holder every cache-read workload would leave nothing cached.
-# That cache is reported as "Buffers" in /proc/meminfo, not "Cached".
+# The optional data disk (/dev/vdb, see lab/guest-image.ts) is a read-only
+# squashfs holding /blob, 500 MiB of random bytes, for page-cache workloads.
+# Reading a file on a mounted filesystem puts its pages in meminfo "Cached"
+# (clean page cache, as on a production guest), and they stay cached after
+# the reader exits because the mount holds the device open.
+# virtio-blk devices bind before we run, but the disk node can lag on slow
+# TCG, so wait briefly when a second virtio-blk device is bound.
+nblk=$(ls -d /sys/bus/virtio/drivers/virtio_blk/virtio* 2>/dev/null | wc -l)
+if [ "$nblk" -ge 2 ]; then
+  i=0
+  while [ ! -b /dev/vdb ] && [ "$i" -lt 100 ]; do
+    i=$((i + 1))
+    sleep 0.1
+  done
+fi
 if [ -b /dev/vdb ]; then
-  sleep 2147483647 </dev/vdb >/dev/null 2>&1 &
+  mount -t squashfs -o ro /dev/vdb /data || echo "rc.sysinit: cannot mount /dev/vdb on /data"
 fi
 
 hostname ballast-guest

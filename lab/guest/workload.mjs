@@ -4,7 +4,8 @@
 // should not) be able to reclaim before a migration:
 //
 //   freed-anon --mib N                      write N MiB of anon memory, free it, exit
-//   cache-read --file PATH --mib N          read N MiB through the page cache, exit
+//   cache-read --mib N [--file PATH]        read N MiB through the page cache, exit
+//                                           (default file: /data/blob on the data disk)
 //   hot-writer --mib N --rate-mib R [--seconds S] [--progress FILE]
 //                                           hold N MiB and rewrite it at R MiB/s
 //   burst --mib N [--after-file FILE | --delay-ms MS] [--hold-ms MS]
@@ -23,7 +24,7 @@ const CHUNK = 64 * MiB;
 function usage(message) {
   process.stderr.write(`workload: ${message}\n` +
     "usage: workload.mjs freed-anon --mib N\n" +
-    "       workload.mjs cache-read --file PATH --mib N\n" +
+    "       workload.mjs cache-read --mib N [--file PATH]   (default --file /data/blob)\n" +
     "       workload.mjs hot-writer --mib N --rate-mib R [--seconds S] [--progress FILE]\n" +
     "       workload.mjs burst --mib N [--after-file FILE | --delay-ms MS] [--hold-ms MS]\n");
   process.exit(2);
@@ -51,12 +52,6 @@ function num(opts, key, fallback) {
   const n = Number(raw);
   if (!Number.isFinite(n) || n < 0) usage(`--${key} must be a non-negative number, got ${JSON.stringify(raw)}`);
   return n;
-}
-
-function str(opts, key) {
-  const v = opts[key];
-  if (v === undefined) usage(`--${key} is required`);
-  return v;
 }
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
@@ -92,8 +87,11 @@ async function freedAnon(opts) {
   void chunks;
 }
 
+// The data disk's random file; rc.sysinit mounts the disk at /data.
+const DEFAULT_CACHE_FILE = "/data/blob";
+
 function cacheRead(opts) {
-  const file = str(opts, "file");
+  const file = opts.file ?? DEFAULT_CACHE_FILE;
   const mib = num(opts, "mib");
   const want = Math.floor(mib * MiB);
   const buf = Buffer.allocUnsafeSlow(MiB);

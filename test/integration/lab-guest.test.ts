@@ -4,32 +4,42 @@
  * workloads and the balloon, live-migrates it to a second QEMU on
  * 127.0.0.1 and checks the same shell answers on the destination.
  *
- * It also captures real /proc files into test/fixtures/proc/ for unit tests
- * of the agent's parsers: when the fixture folders are missing, or when
- * BALLAST_CAPTURE_FIXTURES=1.
+ * It also captures real /proc files (and the balloon's sysfs features) into
+ * test/fixtures/proc/ for unit tests of the agent: when a fixture file is
+ * missing, or when BALLAST_CAPTURE_FIXTURES=1.
  */
 import { createServer, type Server } from "node:net";
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { ensureGuestImage, GUEST_WORKLOAD_PATH, type GuestImage } from "../../lab/guest-image.js";
-import { LabQmp } from "../../lab/lab-qmp.js";
-import { freePorts } from "../../lab/ports.js";
+import { QmpClient, type QmpEvent } from "../../coordinator/qmp-client.js";
+import { ensureGuestImage, GUEST_DATA_BLOB, GUEST_DATA_MOUNT, GUEST_WORKLOAD_PATH, type GuestImage } from "../../lab/guest-image.js";
 import { GuestShell } from "../../lab/serial-shell.js";
 import { startVm, type StartVmOptions, type VmHandle } from "../../lab/vm.js";
-import { createLogger } from "../../shared/logger.js";
+import { createLogger, type Logger } from "../../shared/logger.js";
+import { freePorts } from "../../shared/net.js";
 import { MiB } from "../../shared/units.js";
 
 const REPO = fileURLToPath(new URL("../../", import.meta.url));
 const REAL_AGENT = path.join(REPO, "dist", "ballast-agent.mjs");
 const FIXTURES = path.join(REPO, "test", "fixtures", "proc");
 const FIXTURE_STATES = ["debian-6.1-guest", "debian-6.1-guest-cache", "debian-6.1-guest-ballooned"] as const;
-const FIXTURE_FILES = ["meminfo", "vmstat", "pressure/memory"] as const;
+// Guest paths under /proc; each lands at the same relative path in the fixture folder (the agent's procRoot).
+const FIXTURE_FILES = ["meminfo", "vmstat", "pressure/memory", "zoneinfo", "sys/vm/min_free_kbytes", "sys/vm/watermark_scale_factor"] as const;
+// The agent's sysRoot for each folder is its sibling "<folder>-sys" (like host-debian12-sys/).
+const BALLOON_DRIVER = "bus/virtio/drivers/virtio_balloon";
+const sysFixture = (state: string) => path.join(FIXTURES, `${state}-sys`);
+function hasSysFixture(state: string): boolean {
+  const dir = path.join(sysFixture(state), BALLOON_DRIVER);
+  return existsSync(dir) && readdirSync(dir).some((d) => d.startsWith("virtio") && existsSync(path.join(dir, d, "features")));
+}
 const README_BEGIN = "<!-- lab-guest:begin -->";
 const README_END = "<!-- lab-guest:end -->";
-const CAPTURE = process.env.BALLAST_CAPTURE_FIXTURES === "1" || FIXTURE_STATES.some((s) => !FIXTURE_FILES.every((f) => existsSync(path.join(FIXTURES, s, f))));
+const CAPTURE =
+  process.env.BALLAST_CAPTURE_FIXTURES === "1" ||
+  FIXTURE_STATES.some((s) => !FIXTURE_FILES.every((f) => existsSync(path.join(FIXTURES, s, f))) || !hasSysFixture(s));
 
 // Same bytes every run, so the image cache key stays stable.
 const STAND_IN_AGENT = `#!/usr/bin/env node
@@ -64,9 +74,65 @@ async function captureProc(shell: GuestShell, state: (typeof FIXTURE_STATES)[num
     mkdirSync(path.dirname(dest), { recursive: true });
     writeFileSync(dest, text);
   }
+  // The balloon device's features, as /sys/bus/virtio/drivers/virtio_balloon/virtioN/features
+  // (a symlinked device directory in the guest, a plain one in the fixture).
+  const sysDir = sysFixture(state);
+  rmSync(sysDir, { recursive: true, force: true });
+  const devices = (await shell.run(`cd /sys/${BALLOON_DRIVER} && ls -d virtio*`)).output.split(/\s+/).filter(Boolean);
+  expect(devices.length).toBeGreaterThan(0);
+  for (const dev of devices) {
+    const dest = path.join(sysDir, BALLOON_DRIVER, dev, "features");
+    mkdirSync(path.dirname(dest), { recursive: true });
+    writeFileSync(dest, await shell.readFile(`/sys/${BALLOON_DRIVER}/${dev}/features`));
+  }
 }
 
-async function balloonTo(qmp: LabQmp, bytes: number, timeoutMs: number): Promise<{ actual: number; ms: number }> {
+/** Connects a QmpClient (no reconnect: a test wants to see a lost QEMU) to one of the VM's QMP sockets. */
+async function connectQmp(socketPath: string, logger: Logger): Promise<QmpClient> {
+  const qmp = new QmpClient({ socketPath, reconnect: false, commandTimeoutMs: 30_000, logger });
+  await qmp.connect();
+  return qmp;
+}
+
+/**
+ * Resolves with the first `name` event (matching `match`) that arrives after
+ * this call. Call it before the action that triggers the event. The returned
+ * promise is pre-handled, so an earlier failure of the test leaves no
+ * unhandled rejection behind when it times out.
+ */
+function waitForEvent(
+  qmp: QmpClient,
+  name: string,
+  options: { match?: (data: Record<string, unknown>) => boolean; timeoutMs?: number } = {},
+): Promise<QmpEvent> {
+  const timeoutMs = options.timeoutMs ?? 30_000;
+  const p = new Promise<QmpEvent>((resolve, reject) => {
+    const onEvent = (e: QmpEvent) => {
+      if (e.event !== name || !(options.match?.(e.data) ?? true)) return;
+      cleanup();
+      resolve(e);
+    };
+    const onDisconnected = (err: Error) => {
+      cleanup();
+      reject(new Error(`QMP disconnected while waiting for ${name}: ${err.message}`));
+    };
+    const timer = setTimeout(() => {
+      cleanup();
+      reject(new Error(`QMP event ${name} did not arrive in ${timeoutMs} ms`));
+    }, timeoutMs);
+    const cleanup = () => {
+      clearTimeout(timer);
+      qmp.off("event", onEvent);
+      qmp.off("disconnected", onDisconnected);
+    };
+    qmp.on("event", onEvent);
+    qmp.on("disconnected", onDisconnected);
+  });
+  p.catch(() => undefined);
+  return p;
+}
+
+async function balloonTo(qmp: QmpClient, bytes: number, timeoutMs: number): Promise<{ actual: number; ms: number }> {
   const t0 = Date.now();
   await qmp.execute("balloon", { value: bytes });
   let actual = 0;
@@ -87,8 +153,8 @@ describe("lab guest (real QEMU, TCG)", () => {
   let src: VmHandle | undefined;
   let dst: VmHandle | undefined;
   let shell: GuestShell | undefined;
-  let srcQmp: LabQmp | undefined;
-  let dstQmp: LabQmp | undefined;
+  let srcQmp: QmpClient | undefined;
+  let dstQmp: QmpClient | undefined;
   let echoServer: Server | undefined;
   let ports: number[];
   const notes: Record<string, string> = {};
@@ -133,13 +199,12 @@ describe("lab guest (real QEMU, TCG)", () => {
     shell = await GuestShell.connect(src.serialPath, { timeoutMs: 10_000, logger: log });
     await shell.ready(90_000);
     timings.bootToShellMs = Date.now() - t0;
-    srcQmp = await LabQmp.connect(src.labQmpPath);
+    srcQmp = await connectQmp(src.labQmpPath, log);
   }, 300_000);
 
   afterAll(async () => {
     shell?.close();
-    srcQmp?.close();
-    dstQmp?.close();
+    await Promise.all([srcQmp?.close(), dstQmp?.close()]);
     await Promise.all([src?.stop(), dst?.stop()]);
     await new Promise<void>((resolve) => (echoServer ? echoServer.close(() => resolve()) : resolve()));
     if (workDir) rmSync(workDir, { recursive: true, force: true });
@@ -166,6 +231,9 @@ describe("lab guest (real QEMU, TCG)", () => {
     // The root is read-only squashfs; /tmp is the writable tmpfs.
     expect((await sh.run("grep ' / squashfs ro' /proc/mounts")).exitCode).toBe(0);
     expect((await sh.run("touch /tmp/x && ! touch /x 2>/dev/null")).exitCode).toBe(0);
+    // The data disk is a read-only squashfs on /data holding the random blob.
+    expect((await sh.run(`grep '^/dev/vdb ${GUEST_DATA_MOUNT} squashfs ro' /proc/mounts`)).exitCode).toBe(0);
+    expect((await sh.run(`stat -c %s ${GUEST_DATA_BLOB}`)).output.trim()).toBe(String(500 * MiB));
   });
 
   it("captures the idle guest's /proc files", async () => {
@@ -231,21 +299,25 @@ describe("lab guest (real QEMU, TCG)", () => {
     await sh.run(`kill $(cat /tmp/sup.pid); sleep 0.2; for p in $(${findAgent}); do kill $p; done; true`);
   });
 
-  it("cache-read fills the page cache with ≥ 400 MiB from /dev/vdb", async () => {
+  it("cache-read fills Cached (clean page cache) with ≥ 450 MiB from /data/blob, and it stays", async () => {
     const sh = shell!;
     const before = meminfo(await sh.readFile("/proc/meminfo"));
     const t0 = Date.now();
-    const res = await sh.run(`node ${GUEST_WORKLOAD_PATH} cache-read --file /dev/vdb --mib 500`, { timeoutMs: 90_000 });
+    // No --file: the workload's default is the data disk's blob.
+    const res = await sh.run(`node ${GUEST_WORKLOAD_PATH} cache-read --mib 500`, { timeoutMs: 90_000 });
     timings.cacheReadMs = Date.now() - t0;
     expect(res.exitCode, res.output).toBe(0);
-    expect(res.output).toContain("read 500.0 MiB");
+    expect(res.output).toContain(`read 500.0 MiB of ${GUEST_DATA_BLOB}`);
+    // The workload has exited; its file pages must still be cached (the mount keeps the device open).
+    await new Promise((r) => setTimeout(r, 1000));
     const after = meminfo(await sh.readFile("/proc/meminfo"));
-    // A raw block device's page cache is reported as Buffers, not Cached
-    // (meminfo's Cached excludes block-device pages), so count both.
-    const grownKiB = kib(after, "Cached") + kib(after, "Buffers") - (kib(before, "Cached") + kib(before, "Buffers"));
-    timings.cacheGrownMiB = Math.round(grownKiB / 1024);
+    const cachedGrownKiB = kib(after, "Cached") - kib(before, "Cached");
+    timings.cachedBeforeMiB = Math.round(kib(before, "Cached") / 1024);
+    timings.cachedAfterMiB = Math.round(kib(after, "Cached") / 1024);
     timings.buffersGrownMiB = Math.round((kib(after, "Buffers") - kib(before, "Buffers")) / 1024);
-    expect(grownKiB).toBeGreaterThanOrEqual(400 * 1024);
+    expect(cachedGrownKiB).toBeGreaterThanOrEqual(450 * 1024);
+    // A file on a filesystem, not raw block-device cache: Buffers stays small.
+    expect(kib(after, "Buffers") - kib(before, "Buffers")).toBeLessThan(32 * 1024);
     await captureProc(sh, "debian-6.1-guest-cache");
   });
 
@@ -287,7 +359,7 @@ describe("lab guest (real QEMU, TCG)", () => {
     const uptimeBefore = Number((await sh.readFile("/proc/uptime")).split(" ")[0]);
 
     dst = await startVm({ ...vmOptions, name: "dst", guestfwdPort: ports[1] ?? 0, incoming: true });
-    dstQmp = await LabQmp.connect(dst.labQmpPath);
+    dstQmp = await connectQmp(dst.labQmpPath, log);
     const caps = { capabilities: [{ capability: "events", state: true }] };
     await srcQmp!.execute("migrate-set-capabilities", caps);
     await dstQmp.execute("migrate-set-capabilities", caps);
@@ -295,17 +367,16 @@ describe("lab guest (real QEMU, TCG)", () => {
     await dstQmp.execute("migrate-incoming", { uri });
     // QEMU 7.2 defaults to 32 MiB/s; always set a real limit.
     await srcQmp!.execute("migrate-set-parameters", { "max-bandwidth": 1_250_000_000, "downtime-limit": 300 });
-    const since = srcQmp!.events.length;
-    const dstSince = dstQmp.events.length;
-    const t0 = Date.now();
-    await srcQmp!.execute("migrate", { uri });
-    const done = await srcQmp!.waitForEvent("MIGRATION", {
-      since,
+    const finished = waitForEvent(srcQmp!, "MIGRATION", {
       match: (d) => d.status === "completed" || d.status === "failed" || d.status === "cancelled",
       timeoutMs: 90_000,
     });
+    const resumed = waitForEvent(dstQmp, "RESUME", { timeoutMs: 90_000 });
+    const t0 = Date.now();
+    await srcQmp!.execute("migrate", { uri });
+    const done = await finished;
     expect(done.data.status).toBe("completed");
-    await dstQmp.waitForEvent("RESUME", { since: dstSince, timeoutMs: 30_000 });
+    await resumed;
     timings.migrationWallMs = Date.now() - t0;
     const info = await srcQmp!.execute<{ "total-time"?: number; downtime?: number; ram?: { transferred: number } }>("query-migrate");
     timings.migrationTotalMs = info["total-time"] ?? -1;
@@ -316,7 +387,7 @@ describe("lab guest (real QEMU, TCG)", () => {
     // The source is now paused for good; leave it and talk to the destination.
     sh.close();
     shell = undefined;
-    srcQmp!.close();
+    await srcQmp!.close();
     srcQmp = undefined;
     await src!.stop();
     src = undefined;
@@ -348,16 +419,22 @@ Captured by \`test/integration/lab-guest.test.ts\` (re-capture with
 Guest: the lab image from \`lab/guest-image.ts\`: Debian kernel \`${notes.kernel}\`
 (\`${notes.kernelBuild ?? ""}\`), busybox init, read-only squashfs root with node,
 1 GiB RAM (\`-m 1024M\`), QEMU 7.2 TCG, q35, \`-cpu max\`, one vCPU, virtio-balloon
-with \`deflate-on-oom=on\` (no free-page reporting), a 500 MiB raw random disk as
-/dev/vdb (held open by the guest's init, so its page cache stays). ${standIn ? "The agent was a stand-in (an idle node process)." : "The agent was not running (ballast.agent=0)."}
+with \`deflate-on-oom=on\` (no free-page reporting), and a data disk as /dev/vdb: an
+uncompressed read-only squashfs holding one 500 MiB file of random bytes, mounted at
+\`/data\` (so \`/data/blob\`). ${standIn ? "The agent was a stand-in (an idle node process)." : "The agent was not running (ballast.agent=0)."}
 Captured on ${date}.
 
-Each folder holds \`meminfo\`, \`vmstat\` and \`pressure/memory\`, copied verbatim.
+Each folder is a procRoot for the agent's \`Collector\`: \`meminfo\`, \`vmstat\`,
+\`pressure/memory\`, \`zoneinfo\` and \`sys/vm/min_free_kbytes\`,
+\`sys/vm/watermark_scale_factor\` (from \`/proc/sys/vm/\`), copied verbatim. Its
+sibling \`<folder>-sys/\` is the matching sysRoot, laid out like \`host-debian12-sys/\`:
+only \`bus/virtio/drivers/virtio_balloon/virtioN/features\` (a symlinked device
+directory in the guest, a plain directory here), captured in the same state.
 
 | folder | state |
 |---|---|
 | \`debian-6.1-guest/\` | idle guest a few seconds after boot, balloon at 1 GiB (not inflated) |
-| \`debian-6.1-guest-cache/\` | right after \`workload.mjs cache-read --file /dev/vdb --mib 500\`: about 500 MiB of clean block-device page cache. Note it shows up as **Buffers**, not Cached, because it is a raw block device |
+| \`debian-6.1-guest-cache/\` | a second after \`workload.mjs cache-read --mib 500\` (which reads \`/data/blob\`) exited: about 500 MiB of clean page cache of a file, counted in **Cached** (Buffers stays small) |
 | \`debian-6.1-guest-ballooned/\` | then QMP \`balloon\` to 512 MiB, after \`query-balloon\` reported it reached: MemTotal unchanged (deflate-on-oom), MemFree lower, \`balloon_inflate\` in vmstat counts 4 KiB pages |
 ${README_END}
 `;

@@ -1,5 +1,5 @@
 // Parsers and the collector, on real procfs captures and on malformed variants of them.
-import { cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { cpSync, existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
@@ -175,21 +175,29 @@ describe("Collector", () => {
     expect(c.bootId()).toMatch(/^[0-9a-f-]{36}$/);
   });
 
-  it("on a Debian 6.1 guest capture: balloon from vmstat counters, watermarks from min_free_kbytes", () => {
+  it("on a Debian 6.1 guest capture: balloon from vmstat counters, watermarks from zoneinfo, deflate-on-oom from sysfs", () => {
+    const proc = join(FIXTURES, "debian-6.1-guest-ballooned");
+    const s = new Collector({ procRoot: proc, sysRoot: `${proc}-sys` }).collect();
+    expect(s.balloon).toEqual({ bytes: 512 * MiB, source: "vmstat-counters", deflateOnOom: true });
+    expect(s.watermarks.source).toBe("zoneinfo");
+    const minFree = parseSysctlInt(read("debian-6.1-guest-ballooned", "sys/vm/min_free_kbytes"), "min_free_kbytes", "min_free_kbytes") * KiB;
+    expect(Math.abs(s.watermarks.minFreeBytes - minFree)).toBeLessThanOrEqual(64 * PAGE_SIZE);
+    expect(s.watermarks.highBytes).toBeGreaterThan(s.watermarks.minFreeBytes);
+  });
+
+  it("on a Debian 6.1 guest capture without zoneinfo: watermarks estimated from the captured min_free_kbytes", () => {
     const root = tmp();
     cpSync(join(FIXTURES, "debian-6.1-guest-ballooned"), root, { recursive: true });
-    // The guest capture has no sysctls; 45056 is what the rig's guest had.
-    mkdirSync(join(root, "sys/vm"), { recursive: true });
-    writeFileSync(join(root, "sys/vm/min_free_kbytes"), "45056\n");
-    const sys = tmp();
-    mkdirSync(join(sys, "bus/virtio/drivers/virtio_balloon/virtio1"), { recursive: true });
-    writeFileSync(join(sys, "bus/virtio/drivers/virtio_balloon/virtio1/features"), "0110000000000000000000000000000010000000000000000000000000000000\n");
-    const s = new Collector({ procRoot: root, sysRoot: sys }).collect();
-    expect(s.balloon).toEqual({ bytes: 512 * MiB, source: "vmstat-counters", deflateOnOom: true });
+    rmSync(join(root, "zoneinfo"));
+    const s = new Collector({ procRoot: root, sysRoot: join(FIXTURES, "debian-6.1-guest-ballooned-sys") }).collect();
+    const minFree = parseSysctlInt(read("debian-6.1-guest-ballooned", "sys/vm/min_free_kbytes"), "min_free_kbytes", "min_free_kbytes") * KiB;
     expect(s.watermarks.source).toBe("estimate");
-    expect(s.watermarks.minFreeBytes).toBe(45056 * KiB);
-    // high = min + 2 * max(min/4, managed * 10 / 10000): 44 MiB + 22 MiB.
-    expect(s.watermarks.highBytes).toBe(45056 * KiB * 1.5);
+    expect(s.watermarks.minFreeBytes).toBe(minFree);
+    // high = min + 2 * max(min/4, managed * wsf / 10000); on a 1 GiB guest min/4 wins: 1.5 * min.
+    expect(s.watermarks.highBytes).toBe(minFree * 1.5);
+    // The estimate lands near what the kernel computed per zone.
+    const zones = parseZoneinfo(read("debian-6.1-guest-ballooned", "zoneinfo"));
+    expect(Math.abs(s.watermarks.highBytes - zones.highBytes)).toBeLessThanOrEqual(MiB);
   });
 
   it("PSI is optional: without the file the sample is still complete", () => {
@@ -223,6 +231,8 @@ describe("Collector", () => {
   it("no zoneinfo and no min_free_kbytes refuses the sample (the reserve would be unknown)", () => {
     const root = tmp();
     cpSync(join(FIXTURES, "debian-6.1-guest"), root, { recursive: true });
+    rmSync(join(root, "zoneinfo"));
+    rmSync(join(root, "sys/vm/min_free_kbytes"));
     expect(() => new Collector({ procRoot: root }).collect()).toThrow(/min_free_kbytes/);
   });
 

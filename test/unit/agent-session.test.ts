@@ -103,14 +103,13 @@ beforeAll(() => {
   // The real 1 GiB Debian 6.1 guest with ~500 MiB of clean cache, plus the files a full /proc has.
   root = mkdtempSync(join(tmpdir(), "ballast-agent-session-"));
   cpSync("test/fixtures/proc/debian-6.1-guest-cache", root, { recursive: true });
+  // The capture has zoneinfo and min_free_kbytes; add a writable drop_caches and a boot id.
   mkdirSync(join(root, "sys/vm"), { recursive: true });
   mkdirSync(join(root, "sys/kernel/random"), { recursive: true });
-  writeFileSync(join(root, "sys/vm/min_free_kbytes"), "45056\n");
   writeFileSync(join(root, "sys/vm/drop_caches"), "");
   writeFileSync(join(root, "sys/kernel/random/boot_id"), "0f6d3c2e-1111-4222-8333-444455556666\n");
   sys = join(root, "sysfs");
-  mkdirSync(join(sys, "bus/virtio/drivers/virtio_balloon/virtio1"), { recursive: true });
-  writeFileSync(join(sys, "bus/virtio/drivers/virtio_balloon/virtio1/features"), "0110\n");
+  cpSync("test/fixtures/proc/debian-6.1-guest-cache-sys", sys, { recursive: true });
 });
 
 afterEach(async () => {
