@@ -74,6 +74,7 @@ export class MigrationOrchestrator {
     const record = newRecord(randomUUID(), params, Date.now());
     const run: Running = { record, vm, abort: new AbortController(), migrateIssued: false };
     this.running.set(record.id, run);
+    this.refreshAgentState(run);
     vm.migration = { id: record.id, direction: "outgoing", phase: Phase.UNSPECIFIED, mode: params.mode, pass: 0, deadlineUnixMs: 0 };
     this.options.store.add(record);
     void this.run(run).finally(() => this.running.delete(record.id));
@@ -196,6 +197,12 @@ export class MigrationOrchestrator {
       finalPhase = await this.migrate(run, uri, log);
       if (finalPhase === Phase.COMPLETED) {
         r.sourceStats = await this.finalStats(vm);
+        if (r.sourceStats) {
+          // The last poll ran before completion; the record shows the final counts.
+          r.transferredBytes = r.sourceStats.transferredBytes;
+          r.remainingBytes = r.sourceStats.remainingBytes;
+          r.totalBytes = r.sourceStats.totalBytes;
+        }
         r.destinationStats = await this.destinationStats(peer, r.id, log);
       } else {
         r.sourceStats = await vm.qemu.queryMigrate().catch(() => undefined);

@@ -8,7 +8,7 @@ import { formatMiB } from "../shared/units.js";
 
 /** Short phase label, e.g. "PRECOPY_PASS 2". */
 export function phaseLabel(m: Pick<Migration, "phase" | "pass">): string {
-  const name = Phase[m.phase] ?? `PHASE_${m.phase}`;
+  const name = m.phase === Phase.UNSPECIFIED ? "STARTING" : (Phase[m.phase] ?? `PHASE_${m.phase}`);
   return m.phase === Phase.PRECOPY_PASS ? `${name} ${m.pass}` : name;
 }
 
