@@ -200,6 +200,8 @@ export interface AgentCostHostOptions {
   steadyState?: boolean;
   /** NODE_OPTIONS for the agent. Default "--max-old-space-size=64", as agent/ballast-agent.service sets. */
   nodeOptions?: string;
+  /** Extra node flags before the bundle (for investigation, e.g. ["--cpu-prof"]). Default none. */
+  nodeArgs?: string[];
   onProgress?: (line: string) => void;
 }
 
@@ -297,7 +299,7 @@ export async function runAgentCostHost(opts: AgentCostHostOptions = {}): Promise
   progress(`starting ${bundle} against a fake coordinator on 127.0.0.1:${port}`);
   const child = spawn(
     process.execPath,
-    [bundle, "run", "--config", configFile, "--coordinator", `127.0.0.1:${port}`, "--vm-id", "bench-host", "--no-drop-caches", "--sample-interval-ms", String(intervalMs)],
+    [...(opts.nodeArgs ?? []), bundle, "run", "--config", configFile, "--coordinator", `127.0.0.1:${port}`, "--vm-id", "bench-host", "--no-drop-caches", "--sample-interval-ms", String(intervalMs)],
     { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, NODE_OPTIONS: nodeOptions, LOG_LEVEL: "info" } },
   );
   let output = "";
@@ -320,19 +322,27 @@ export async function runAgentCostHost(opts: AgentCostHostOptions = {}): Promise
     // Resolves with a snapshot taken inside the coordinator's handler, right as sample `n` arrives.
     const snapshotAtSample = (n: number, timeoutMs: number, what: string) =>
       new Promise<CpuSnapshot>((res, rej) => {
-        const t = setTimeout(() => {
-          onSample = undefined;
-          rej(new Error(`agent-cost: no ${what} within ${timeoutMs} ms (${samples} samples so far${exitInfo ? `, agent ${exitInfo}` : ""}); agent output: ${output.slice(-1500)}`));
-        }, timeoutMs);
-        onSample = () => {
-          if (samples < n) return;
+        let settled = false;
+        const settle = (fn: () => void) => {
+          if (settled) return;
+          settled = true;
           onSample = undefined;
           clearTimeout(t);
-          try {
-            res(readHostSnapshot(pid, samples));
-          } catch (err) {
-            rej(err as Error);
-          }
+          fn();
+        };
+        const fail = (why: string) =>
+          settle(() => rej(new Error(`agent-cost: no ${what}: ${why} (${samples} samples so far); agent output: ${output.slice(-1500)}`)));
+        const t = setTimeout(() => fail(`not within ${timeoutMs} ms`), timeoutMs);
+        void exited.then(() => fail(`the agent ended (${exitInfo})`));
+        onSample = () => {
+          if (samples < n) return;
+          settle(() => {
+            try {
+              res(readHostSnapshot(pid, samples));
+            } catch (err) {
+              rej(err as Error);
+            }
+          });
         };
       });
 
@@ -385,6 +395,8 @@ export interface AgentCostGuestOptions {
   hz?: number;
   /** How often guest RSS is read through the serial shell. Default 5000 ms. */
   rssEveryMs?: number;
+  /** Samples the coordinator must see before the window starts (the agent may have just attached). Default 3. */
+  warmupSamples?: number;
   onProgress?: (line: string) => void;
 }
 
@@ -432,6 +444,10 @@ export async function runAgentCostGuest(lab: Lab, opts: AgentCostGuestOptions = 
     "the agent inside the lab guest (QEMU TCG unless the lab uses KVM: guest CPU time is emulated and inflated)",
     `CPU window aligned on samples seen by the coordinator; guest /proc read through the serial shell (USER_HZ ${CLOCK_TICKS_PER_SEC} assumed)`,
   ];
+
+  const cpu = await lab.shell.run("grep -m1 'model name' /proc/cpuinfo", { timeoutMs: 30_000 }).catch(() => undefined);
+  const model = cpu?.output.replace(/^model name\s*:\s*/, "").trim() ?? "";
+  if (model) notes.push(`guest CPU: ${model}${/TCG/.test(model) ? " (TCG: emulated, CPU times inflated)" : ""}`);
 
   const found = await lab.shell.run(GUEST_FIND_AGENT_COMMAND, { timeoutMs: 30_000 });
   const pids = found.output
@@ -490,6 +506,8 @@ export async function runAgentCostGuest(lab: Lab, opts: AgentCostGuestOptions = 
   };
 
   try {
+    const warmup = opts.warmupSamples ?? 3;
+    for (let i = 1; i < warmup; i++) await nextSampleSeen(10_000);
     // Read right after a sample landed, so the read falls between two ticks.
     const aligned = await nextSampleSeen(10_000);
     const first = await snapshot();

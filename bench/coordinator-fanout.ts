@@ -63,6 +63,12 @@ export interface FanoutOptions {
   warmupSeconds?: number;
   /** Mean gap between fan-outs; each gap gets ±50 % jitter so fan-outs hit random points of the sampling cycle. Default 500. */
   fanoutGapMs?: number;
+  /**
+   * Processes the simulated agents are split over. Default 1. More processes
+   * receive a broadcast in parallel (less harness queueing in the latency)
+   * but compete with the coordinator for this 2-core machine's CPUs.
+   */
+  agentProcesses?: number;
   /** Coordinator log level; logs go to /dev/null (the cost of formatting them stays in). Default "info". */
   logLevel?: string;
 }
@@ -73,6 +79,7 @@ export interface FanoutResult {
   sessionsAttached: number;
   sampleHz: number;
   fanouts: number;
+  agentProcesses: number;
   /** From the start of a broadcast (the harness begins the sendPhase loop) to each agent's arrival: the fan-out latency. */
   latencyMs: Summary;
   /** From each VM's own sendPhase call to its agent's arrival. */
@@ -105,7 +112,7 @@ export interface FanoutResult {
     msPerSampleNet: number;
     /** Coordinator while broadcasting (sampling continues). */
     fanoutPhasePct: number;
-    /** The simulated agents' process during the steady window (context: it shares the 2 cores). */
+    /** The simulated agents' process(es) during the steady window (context: they share the 2 cores). */
     agentsProcessPct: number;
   };
   samples: {
@@ -120,11 +127,12 @@ export interface FanoutResult {
     /** Max during the steady window (polled every 500 ms). */
     steadyMax: number;
     end: number;
+    /** Sum over the agents' processes. */
     agentsProcessMax: number;
   };
   /** This process's event-loop delay during the steady window. */
   eventLoopDelayMs: { p50: number; p99: number; max: number };
-  /** Estimated (agents process − this process) clock offset and the ping RTT that bounds it. */
+  /** Estimated (agents process − this process) clock offset (the largest over the agents' processes) and the ping RTT that bounds it. */
   clock: { offsetMs: number; rttMs: number };
   /** Agent sessions that ended during the run (should be 0). */
   disconnects: number;
@@ -276,6 +284,80 @@ class AgentsProcess {
   }
 }
 
+/** Several agents' processes, each with a contiguous slice of the VMs. */
+class AgentsPool {
+  private constructor(readonly procs: AgentsProcess[]) {}
+
+  static async start(count: number, lifetimeMs: number): Promise<AgentsPool> {
+    const settled = await Promise.allSettled(Array.from({ length: count }, () => AgentsProcess.start(lifetimeMs)));
+    const procs = settled.flatMap((r) => (r.status === "fulfilled" ? [r.value] : []));
+    const failed = settled.find((r): r is PromiseRejectedResult => r.status === "rejected");
+    if (failed) {
+      await Promise.all(procs.map((p) => p.stop()));
+      throw failed.reason;
+    }
+    return new AgentsPool(procs);
+  }
+
+  /** Attaches vmIds[i] as agent index i, split in contiguous slices over the processes. */
+  async attach(address: string, vmIds: string[], sampleHz: number, timeoutMs: number): Promise<{ ok: number; failed: number; errors: string[]; ms: number }> {
+    const per = Math.ceil(vmIds.length / this.procs.length);
+    const replies = await Promise.all(
+      this.procs.map((p, j) =>
+        p.request<"attached">(
+          { type: "attach", address, vmIds: vmIds.slice(j * per, (j + 1) * per), firstIndex: j * per, sampleHz, concurrency: 32, timeoutMs: 30_000 },
+          (m) => m.type === "attached",
+          timeoutMs,
+          "agents attached",
+        ),
+      ),
+    );
+    return {
+      ok: replies.reduce((a, r) => a + r.ok, 0),
+      failed: replies.reduce((a, r) => a + r.failed, 0),
+      errors: replies.flatMap((r) => r.errors).slice(0, 5),
+      ms: Math.max(...replies.map((r) => r.ms)),
+    };
+  }
+
+  async counters(): Promise<AgentCounters> {
+    const all = await Promise.all(this.procs.map((p) => p.counters()));
+    return all.reduce((a, c) => ({
+      samplesSent: a.samplesSent + c.samplesSent,
+      sampleErrors: a.sampleErrors + c.sampleErrors,
+      streamsEnded: a.streamsEnded + c.streamsEnded,
+      phaseEvents: a.phaseEvents + c.phaseEvents,
+    }));
+  }
+
+  /** The largest offset (by magnitude) over the processes, with its RTT. */
+  async clockOffset(): Promise<{ offsetMs: number; rttMs: number }> {
+    let worst = { offsetMs: 0, rttMs: 0 };
+    for (const p of this.procs) {
+      const c = await p.clockOffset();
+      if (Math.abs(c.offsetMs) >= Math.abs(worst.offsetMs)) worst = c;
+    }
+    return worst;
+  }
+
+  async collect(): Promise<{ data: number[]; unknown: number }> {
+    const all = await Promise.all(this.procs.map((p) => p.request<"arrivals">({ type: "collect" }, (m) => m.type === "arrivals", 30_000, "arrivals")));
+    return { data: all.flatMap((r) => r.data), unknown: all.reduce((a, r) => a + r.unknown, 0) };
+  }
+
+  cpuMs(): number {
+    return this.procs.reduce((a, p) => a + procCpuMs(p.pid), 0);
+  }
+
+  rssMiB(): number {
+    return this.procs.reduce((a, p) => a + procRssMiB(p.pid), 0);
+  }
+
+  async stop(): Promise<void> {
+    await Promise.all(this.procs.map((p) => p.stop()));
+  }
+}
+
 /**
  * Runs the fan-out bench. Every process and server it starts is stopped
  * before it resolves or rejects.
@@ -290,6 +372,8 @@ export async function runCoordinatorFanout(opts: FanoutOptions = {}): Promise<Fa
   const warmupSeconds = opts.warmupSeconds ?? 3;
   const gapMs = opts.fanoutGapMs ?? 500;
   const progress = opts.onProgress ?? (() => {});
+  const agentProcesses = opts.agentProcesses ?? 1;
+  if (!(Number.isInteger(agentProcesses) && agentProcesses >= 1 && agentProcesses <= 8)) throw new RangeError(`agentProcesses must be an integer in [1, 8], got ${agentProcesses}`);
   if (!(Number.isInteger(sessions) && sessions >= 1 && sessions <= 5000)) throw new RangeError(`sessions must be an integer in [1, 5000], got ${sessions}`);
   if (!(sampleHz > 0 && sampleHz <= 10)) throw new RangeError(`sampleHz must be in (0, 10], got ${sampleHz}`);
   if (!(seconds > 0 && seconds <= 600)) throw new RangeError(`seconds must be in (0, 600], got ${seconds}`);
@@ -304,16 +388,18 @@ export async function runCoordinatorFanout(opts: FanoutOptions = {}): Promise<Fa
   const notes: string[] = [
     "The coordinator runs in this process (startCoordinator), so its CPU and RSS include the bench harness; the harness alone is reported as harnessIdlePct / rssMiB.harnessBaseline.",
     "QMP sockets do not exist: every VM retries QMP with backoff up to 5 s; coordinatorIdlePct is that cost alone.",
-    "All simulated agents share one process and its event loop: arrival times include that process's own receive work for up to N messages per broadcast, so latencies are an upper bound of what separate guests would see.",
+    `The simulated agents share ${agentProcesses === 1 ? "one process" : `${agentProcesses} processes`} (one event loop each): arrival times include that process's own receive work for all its agents' messages of a broadcast, so latencies are an upper bound of what separate guests would see.`,
   ];
 
   const work = mkdtempSync(join(tmpdir(), "ballast-fanout-"));
-  let agents: AgentsProcess | undefined;
+  let agents: AgentsPool | undefined;
   let coordinator: Coordinator | undefined;
-  const eld = monitorEventLoopDelay({ resolution: 10 });
+  // The histogram records whole timer intervals, so the resolution is subtracted below.
+  const eldResolutionMs = 10;
+  const eld = monitorEventLoopDelay({ resolution: eldResolutionMs });
   try {
-    progress(`starting ${sessions} simulated agents' process`);
-    agents = await AgentsProcess.start(budgetMs);
+    progress(`starting the simulated agents' process${agentProcesses > 1 ? `es (${agentProcesses})` : ""}`);
+    agents = await AgentsPool.start(agentProcesses, budgetMs);
 
     // 1. The harness alone, idle (modules loaded, agents' child started but idle).
     await sleep(500);
@@ -357,12 +443,7 @@ export async function runCoordinatorFanout(opts: FanoutOptions = {}): Promise<Fa
 
     // 3. Attach every agent.
     progress(`attaching ${sessions} agents to ${agentAddress}`);
-    const attached = await agents.request<"attached">(
-      { type: "attach", address: agentAddress, vmIds: vmNames, sampleHz, concurrency: 32, timeoutMs: 30_000 },
-      (m) => m.type === "attached",
-      attachTimeoutMs,
-      "agents attached",
-    );
+    const attached = await agents.attach(agentAddress, vmNames, sampleHz, attachTimeoutMs);
     if (attached.failed > 0) notes.push(`${attached.failed} agents failed to attach, e.g. ${attached.errors.join("; ")}`);
     const sessionsAttached = hub.size;
     progress(`${attached.ok}/${sessions} agents attached in ${Math.round(attached.ms)} ms (hub sees ${sessionsAttached})`);
@@ -374,14 +455,14 @@ export async function runCoordinatorFanout(opts: FanoutOptions = {}): Promise<Fa
     await sleep(warmupSeconds * 1000);
     progress(`steady sampling window: ${seconds} s at ${sampleHz} Hz`);
     let rssMax = rssMiB();
-    let agentsRssMax = procRssMiB(agents.pid);
+    let agentsRssMax = agents.rssMiB();
     const rssPoll = setInterval(() => {
       rssMax = Math.max(rssMax, rssMiB());
-      agentsRssMax = Math.max(agentsRssMax, procRssMiB(agents?.pid));
+      agentsRssMax = Math.max(agentsRssMax, agents?.rssMiB() ?? NaN);
     }, 500);
     try {
       const k0 = await agents.counters();
-      const a0 = procCpuMs(agents.pid);
+      const a0 = agents.cpuMs();
       eld.reset();
       eld.enable();
       c0 = cpuMs();
@@ -390,14 +471,15 @@ export async function runCoordinatorFanout(opts: FanoutOptions = {}): Promise<Fa
       const steadyMs = cpuMs() - c0;
       const wallMs = now() - t0;
       eld.disable();
-      const a1 = procCpuMs(agents.pid);
+      const a1 = agents.cpuMs();
       const k1 = await agents.counters();
       const handled = k1.samplesSent - k0.samplesSent;
       const writeErrors = k1.sampleErrors - k0.sampleErrors;
       const steadyPct = (steadyMs / wallMs) * 100;
       const msPerSample = handled > 0 ? steadyMs / handled : NaN;
       const msPerSampleNet = handled > 0 ? (steadyMs - (coordinatorIdlePct / 100) * wallMs) / handled : NaN;
-      const eventLoopDelayMs = { p50: eld.percentile(50) / 1e6, p99: eld.percentile(99) / 1e6, max: eld.max / 1e6 };
+      const lag = (ns: number) => Math.max(0, ns / 1e6 - eldResolutionMs);
+      const eventLoopDelayMs = { p50: lag(eld.percentile(50)), p99: lag(eld.percentile(99)), max: lag(eld.max) };
 
       // 5. Fan-outs while sampling continues.
       progress(`broadcasting ${fanouts} phase events to ${sessionsAttached} sessions`);
@@ -437,7 +519,7 @@ export async function runCoordinatorFanout(opts: FanoutOptions = {}): Promise<Fa
       }
       await sleep(graceMs);
       const fanoutPhasePct = ((cpuMs() - fc0) / (now() - ft0)) * 100;
-      const collected = await agents.request<"arrivals">({ type: "collect" }, (m) => m.type === "arrivals", 30_000, "arrivals");
+      const collected = await agents.collect();
 
       const latency: number[] = [];
       const perSend: number[] = [];
@@ -471,6 +553,7 @@ export async function runCoordinatorFanout(opts: FanoutOptions = {}): Promise<Fa
         sessionsAttached,
         sampleHz,
         fanouts,
+        agentProcesses,
         latencyMs: roundSummary(latencySummary, 3),
         perSendLatencyMs: roundSummary(summarize(perSend), 3),
         sendLoopMs: roundSummary(summarize(loopMs), 3),

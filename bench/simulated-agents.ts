@@ -31,7 +31,7 @@ const ROOT = resolve(import.meta.dirname, "..");
 /** Parent → child commands. */
 export type ToAgents =
   | { type: "clock"; id: number }
-  | { type: "attach"; address: string; vmIds: string[]; sampleHz: number; concurrency: number; timeoutMs: number }
+  | { type: "attach"; address: string; vmIds: string[]; firstIndex: number; sampleHz: number; concurrency: number; timeoutMs: number }
   | { type: "counters" }
   | { type: "collect" }
   | { type: "stop" };
@@ -56,7 +56,7 @@ export type FromAgents =
   | { type: "counters"; counters: AgentCounters }
   | {
       type: "arrivals";
-      /** Flat triples: agent index, fan-out index (PhaseEvent.pass - 1), arrival time (ms, timeOrigin + now). */
+      /** Flat triples: agent index (firstIndex + position in vmIds), fan-out index (PhaseEvent.pass - 1), arrival time (ms, timeOrigin + now). */
       data: number[];
       counters: AgentCounters;
       /** Arrivals whose migration id did not parse (should be 0). */
@@ -223,7 +223,7 @@ function main(): void {
       while (next < cmd.vmIds.length && !stopping) {
         const i = next++;
         try {
-          await attachOne(cmd.address, cmd.vmIds[i] as string, i, cmd.sampleHz, cmd.timeoutMs);
+          await attachOne(cmd.address, cmd.vmIds[i] as string, cmd.firstIndex + i, cmd.sampleHz, cmd.timeoutMs);
           ok++;
         } catch (err) {
           errors.push(err instanceof Error ? err.message : String(err));
