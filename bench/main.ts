@@ -12,6 +12,7 @@ import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
 import { errorMessage } from "../shared/errors.js";
 import { parseSize } from "../shared/units.js";
+import { ensureGuestImage } from "../lab/guest-image.js";
 import { Lab } from "../lab/lab.js";
 import { runAgentCostGuest, runAgentCostHost, type AgentCostResult } from "./agent-cost.js";
 import { runCoordinatorFanout, type FanoutResult } from "./coordinator-fanout.js";
@@ -64,7 +65,8 @@ async function main(): Promise<number> {
   let results: RunResult[] = [];
   if (values["cost-only"] !== true) {
     log(`\n## Migration matrix\n`);
-    results = await runMatrix({ reps, bandwidthBytesPerSec: bandwidth, workloads, configs, onProgress: log });
+    const image = await ensureGuestImage({ agentBundle: resolve("dist/ballast-agent.mjs"), onProgress: (step) => log(`• ${step}`) });
+    results = await runMatrix({ reps, bandwidthBytesPerSec: bandwidth, workloads, configs, onProgress: log, image });
   }
   const cells = summarizeCells(results);
 

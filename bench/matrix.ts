@@ -8,6 +8,7 @@ import { BalloonStrategy, MigrationMode, Phase } from "../gen/ballast/v1/common_
 import type { Migration } from "../gen/ballast/v1/migration_pb.js";
 import { errorMessage } from "../shared/errors.js";
 import { MiB } from "../shared/units.js";
+import type { GuestImage } from "../lab/guest-image.js";
 import { Lab } from "../lab/lab.js";
 import {
   cacheRead,
@@ -139,6 +140,8 @@ export interface MatrixOptions {
   configs: string[];
   /** One line per finished run, and steps within a run. */
   onProgress?: (line: string) => void;
+  /** The guest image every run boots; built once so all runs use the same agent. */
+  image?: GuestImage;
 }
 
 async function settleBalloon(lab: Lab, maxMs: number): Promise<number> {
@@ -183,7 +186,7 @@ export async function runOnce(w: Workload, c: BenchConfig, rep: number, o: Matri
     workingSetBytes: 0,
     balloonMinBytes: 0,
   };
-  const lab = await Lab.start({ memMiB: 1024, freePageReporting: c.freePageReporting, steadyState: c.steadyState });
+  const lab = await Lab.start({ memMiB: 1024, freePageReporting: c.freePageReporting, steadyState: c.steadyState, image: o.image });
   try {
     await w.setup(lab);
     if (c.steadyState) res.preworkMs = await settleBalloon(lab, 120_000);
