@@ -29,8 +29,12 @@ export interface AgentConfig {
   sampleIntervalMs: number;
   /** Default 200 ms, used in post-copy. */
   fastSampleIntervalMs: number;
+  /** A quiet steady-state guest's samples are reported to the coordinator this often (each is still decided on). Default 5000 ms; 0 reports every sample. */
+  reportIntervalMs: number;
   /** Reclaim page cache before PREPARE inflation. Default true. */
   dropCaches: boolean;
+  /** Zero free memory after the PREPARE inflation, so it migrates as zero pages. Default true. */
+  zeroFree: boolean;
   /** pino level. Default "info". */
   logLevel: string;
   /** Policy tuning; `reserve` and `hardFloor` in the file and `--reserve` land here. */
@@ -46,7 +50,9 @@ export function defaultConfig(): AgentConfig {
     sysRoot: "/sys",
     sampleIntervalMs: DEFAULT_RUNTIME_OPTIONS.sampleIntervalMs,
     fastSampleIntervalMs: DEFAULT_RUNTIME_OPTIONS.fastSampleIntervalMs,
+    reportIntervalMs: DEFAULT_RUNTIME_OPTIONS.reportEveryMs,
     dropCaches: DEFAULT_RUNTIME_OPTIONS.dropCaches,
+    zeroFree: DEFAULT_RUNTIME_OPTIONS.zeroFree,
     logLevel: "info",
     policy: { ...DEFAULT_POLICY_OPTIONS },
   };
@@ -60,13 +66,26 @@ const FILE_KEYS = [
   "sysRoot",
   "sampleIntervalMs",
   "fastSampleIntervalMs",
+  "reportIntervalMs",
   "dropCaches",
+  "zeroFree",
   "logLevel",
   "reserve",
   "hardFloor",
   "tuning",
 ] as const;
-const SIZE_TUNING = ["maxShrinkStepBytes", "minChangeBytes", "growStepBytes", "lowAvailableBytes", "bootReservedBaseBytes", "alignBytes"] as const;
+const SIZE_TUNING = [
+  "maxShrinkStepBytes",
+  "minChangeBytes",
+  "growStepBytes",
+  "lowAvailableBytes",
+  "bootReservedBaseBytes",
+  "alignBytes",
+  "zeroMarginBytes",
+  "zeroMaxBytes",
+  "zeroChunkBytes",
+  "zeroMinBytes",
+] as const;
 const INT_TUNING = ["shrinkHoldSamples", "refaultRateThreshold", "pressureCooldownMs", "minRateWindowMs"] as const;
 const FRACTION_TUNING = ["prepareActiveFileKeep", "bootReservedFraction"] as const;
 const PERCENT_TUNING = ["psiSomeThresholdPct"] as const;
@@ -117,7 +136,9 @@ export function applyConfigObject(base: AgentConfig, value: unknown, where: stri
     sysRoot: optionalString(obj, "sysRoot", where, base.sysRoot),
     sampleIntervalMs: optionalInt(obj, "sampleIntervalMs", where, base.sampleIntervalMs, 50, 600_000),
     fastSampleIntervalMs: optionalInt(obj, "fastSampleIntervalMs", where, base.fastSampleIntervalMs, 50, 60_000),
+    reportIntervalMs: optionalInt(obj, "reportIntervalMs", where, base.reportIntervalMs, 0, 600_000),
     dropCaches: optionalBool(obj, "dropCaches", where, base.dropCaches),
+    zeroFree: optionalBool(obj, "zeroFree", where, base.zeroFree),
     logLevel: checkLevel(optionalString(obj, "logLevel", where, base.logLevel), `${where}.logLevel`),
     policy,
   };
@@ -147,7 +168,9 @@ export function runtimeOptionsOf(config: AgentConfig): RuntimeOptions {
     policy: config.policy,
     sampleIntervalMs: config.sampleIntervalMs,
     fastSampleIntervalMs: config.fastSampleIntervalMs,
+    reportEveryMs: config.reportIntervalMs,
     dropCaches: config.dropCaches,
+    zeroFree: config.zeroFree,
   };
 }
 
@@ -172,6 +195,7 @@ Flags:
   --sample-interval-ms N    sample interval until the coordinator's Policy sets one (default 1000)
   --reserve SIZE            free headroom above watermark and hot file set (default 128MiB)
   --no-drop-caches          do not reclaim page cache before PREPARE
+  --no-zero-free            do not zero free memory after the PREPARE inflation
   --log-level LEVEL         fatal|error|warn|info|debug|trace|silent (default info)
 sample only:
   --ram SIZE                RAM size as QEMU sees it (default: estimated from MemTotal)
@@ -187,6 +211,7 @@ const FLAGS = {
   "sample-interval-ms": { type: "string" },
   reserve: { type: "string" },
   "no-drop-caches": { type: "boolean" },
+  "no-zero-free": { type: "boolean" },
   "log-level": { type: "string" },
   ram: { type: "string" },
   floor: { type: "string" },
@@ -252,6 +277,7 @@ export function parseCommand(argv: readonly string[], fileExists: (path: string)
   }
   if (values.reserve !== undefined) config.policy = { ...config.policy, reserveBytes: size("reserve", values.reserve) };
   if (values["no-drop-caches"]) config.dropCaches = false;
+  if (values["no-zero-free"]) config.zeroFree = false;
   if (values["log-level"] !== undefined) {
     if (!LOG_LEVELS.includes(values["log-level"])) throw new UsageError(`--log-level: expected one of ${LOG_LEVELS.join(", ")}`);
     config.logLevel = values["log-level"];

@@ -7,11 +7,10 @@
  *
  * Exit codes: 0 ok, 1 runtime failure (e.g. unreadable /proc), 2 bad usage or config.
  */
-import { realpathSync } from "node:fs";
-import { fileURLToPath } from "node:url";
+import { isEntryPoint } from "../shared/entry-point.js";
 import { BallastError, ConfigError, errorMessage } from "../shared/errors.js";
 import { createLogger, type Logger } from "../shared/logger.js";
-import { PageCacheReclaimer } from "./act.js";
+import { FreeMemoryZeroer, PageCacheReclaimer } from "./act.js";
 import { USAGE, parseCommand, runtimeOptionsOf, type AgentConfig, type Command } from "./config.js";
 import { UsageError } from "./errors.js";
 import {
@@ -132,17 +131,19 @@ async function runCommand(config: AgentConfig, io: MainIo): Promise<number> {
     log.warn({ err: errorMessage(err) }, "first sample incomplete");
   }
   const reclaimer = config.dropCaches ? new PageCacheReclaimer({ procRoot: config.procRoot, sysRoot: config.sysRoot }) : null;
+  const zeroer = config.zeroFree ? new FreeMemoryZeroer() : null;
   const session = new AgentSession({
     coordinator: config.coordinator,
     vmId: config.vmId,
     collector,
     reclaimer,
+    zeroer,
     runtime: runtimeOptionsOf(config),
     logger: log,
   });
   const systemd = new SystemdNotifier({ logger: log });
   log.info(
-    { version: AGENT_VERSION, coordinator: config.coordinator, vmId: config.vmId, reclaim: reclaimer?.method() ?? "off", systemd: systemd.enabled },
+    { version: AGENT_VERSION, coordinator: config.coordinator, vmId: config.vmId, reclaim: reclaimer?.method() ?? "off", zeroFree: config.zeroFree, systemd: systemd.enabled },
     "ballast-agent starting",
   );
   session.start();
@@ -157,17 +158,8 @@ async function runCommand(config: AgentConfig, io: MainIo): Promise<number> {
   return 0;
 }
 
-function isEntryPoint(): boolean {
-  const script = process.argv[1];
-  if (!script) return false;
-  try {
-    return realpathSync(script) === realpathSync(fileURLToPath(import.meta.url));
-  } catch {
-    return false;
-  }
-}
 
-if (isEntryPoint()) {
+if (isEntryPoint(import.meta.url)) {
   main(process.argv.slice(2)).then(
     (code) => {
       process.exitCode = code;

@@ -1,8 +1,10 @@
 /**
  * The gRPC session with the host coordinator (AgentService.Session): Hello
- * first, then a sample every interval, balloon requests and phase acks from
- * the state machine; keepalive, and re-attach with exponential backoff and
- * jitter whenever the stream breaks.
+ * first, then a sample every interval (decided on locally; reported to the
+ * coordinator every few seconds or when something changed, see
+ * runtime.reportDue), balloon requests and phase acks from the state
+ * machine; keepalive, and re-attach with exponential backoff and jitter
+ * whenever the stream breaks.
  *
  * Why keepalive matters: after a live migration the guest's TCP connection is
  * dead on the destination and a receive-only stream never notices. With a
@@ -17,13 +19,15 @@ import { createClient, type BidiStream } from "../shared/grpc-adapter.js";
 import type { Logger } from "../shared/logger.js";
 import { silentLogger } from "../shared/logger.js";
 import { errorMessage } from "../shared/errors.js";
-import { Actuator, type PageCacheReclaimer } from "./act.js";
-import { estimateMemory } from "./policy.js";
+import { Phase } from "../gen/ballast/v1/common_pb.js";
+import { Actuator, type FreeMemoryZeroer, type PageCacheReclaimer } from "./act.js";
 import {
   DEFAULT_RUNTIME_OPTIONS,
+  awaitingPrepare,
   initialState,
   onBalloonState,
   onPhaseEvent,
+  onPrepareCheck,
   onPolicy,
   onTick,
   onWelcome,
@@ -34,7 +38,7 @@ import {
 } from "./runtime.js";
 import type { Collector, Sample } from "./sample.js";
 import { AGENT_VERSION } from "./version.js";
-import { balloonFrom, phaseSignalFrom, policyFrom, toMemorySample, type SessionRequestInit } from "./wire.js";
+import { balloonFrom, phaseSignalFrom, policyFrom, type SessionRequestInit } from "./wire.js";
 
 /** Re-attach backoff. */
 export interface BackoffOptions {
@@ -77,6 +81,8 @@ export interface AgentSessionOptions {
   collector: Collector;
   /** Null disables page-cache reclaim. Default: none (the caller decides). */
   reclaimer?: PageCacheReclaimer | null;
+  /** Zeroes free memory after the PREPARE inflation. Null or absent: off (and Hello does not announce "zero-free"). */
+  zeroer?: FreeMemoryZeroer | null;
   /** State machine and policy tuning. Default {@link DEFAULT_RUNTIME_OPTIONS}. */
   runtime?: RuntimeOptions;
   /** Default {@link DEFAULT_BACKOFF}. */
@@ -105,6 +111,9 @@ export class AgentSession {
   private chain: Promise<void> = Promise.resolve();
   private tickTimer: NodeJS.Timeout | undefined;
   private tickDueAt = 0;
+  private prepareTimer: NodeJS.Timeout | undefined;
+  /** Cuts a running zeroing short when the migration moves on or the stream ends. */
+  private zeroAbort: AbortController | undefined;
   private wake: (() => void) | undefined;
   private lastSampleError = { message: "", at: 0 };
   private hostId = "";
@@ -112,9 +121,18 @@ export class AgentSession {
 
   constructor(options: AgentSessionOptions) {
     this.opts = options;
-    this.runtimeOptions = options.runtime ?? DEFAULT_RUNTIME_OPTIONS;
+    const runtime = options.runtime ?? DEFAULT_RUNTIME_OPTIONS;
+    // Without a zeroer the PREPARE ack must not wait for anything: it follows the request at once.
+    this.runtimeOptions = { ...runtime, zeroFree: runtime.zeroFree && !!options.zeroer };
     this.log = options.logger ?? silentLogger();
-    this.actuator = new Actuator({ send: (req) => this.send(req), reclaimer: options.reclaimer ?? null, logger: this.log });
+    this.actuator = new Actuator({
+      send: (req) => this.send(req),
+      reclaimer: options.reclaimer ?? null,
+      zeroer: options.zeroer ?? null,
+      sample: () => this.trySample(),
+      policy: this.runtimeOptions.policy,
+      logger: this.log,
+    });
   }
 
   /** The state machine's current state (read-only view, for status and tests). */
@@ -138,6 +156,8 @@ export class AgentSession {
   async stop(): Promise<void> {
     this.stopped = true;
     this.clearTick();
+    this.clearPrepareCheck();
+    this.zeroAbort?.abort();
     this.stream?.cancel();
     this.wake?.();
     await this.loopDone;
@@ -186,6 +206,8 @@ export class AgentSession {
       await stream.send({ msg: { case: "hello", value: this.hello() } });
       for await (const response of stream) {
         if (response.msg.case === "welcome") welcomed = true;
+        // Read before queueing: a zeroing in progress must stop as soon as the migration moves past PREPARE.
+        if (response.msg.case === "phaseEvent" && response.msg.value.phase !== Phase.PREPARE) this.zeroAbort?.abort();
         await this.enqueue(() => this.handle(response));
       }
       if (!this.stopped) this.log.warn({}, "coordinator ended the session");
@@ -194,6 +216,8 @@ export class AgentSession {
     } finally {
       clearTimeout(welcomeTimer);
       this.clearTick();
+      this.clearPrepareCheck();
+      this.zeroAbort?.abort();
       if (this.stream === stream) this.stream = undefined;
       stream.cancel();
       client.close();
@@ -207,6 +231,8 @@ export class AgentSession {
     const method = this.opts.reclaimer && this.runtimeOptions.dropCaches ? this.opts.reclaimer.method() : "none";
     if (method === "memory.reclaim") capabilities.push("memory-reclaim");
     if (method === "drop_caches") capabilities.push("drop-caches");
+    // The PREPARE ack comes only after the balloon inflated and free memory was zeroed: worth waiting for.
+    if (this.runtimeOptions.zeroFree) capabilities.push("zero-free");
     return { vmId: this.opts.vmId, agentVersion: AGENT_VERSION, capabilities, bootId: this.opts.collector.bootId() };
   }
 
@@ -249,6 +275,8 @@ export class AgentSession {
       }
       case "balloonState":
         this.runtime = onBalloonState(this.runtime, balloonFrom(msg.value));
+        // Balloon progress: re-check a waiting PREPARE now, in its own step so this loop keeps reading.
+        if (awaitingPrepare(this.runtime)) this.schedulePrepareCheck(0);
         break;
       case "policy":
         this.runtime = onPolicy(this.runtime, policyFrom(msg.value));
@@ -258,12 +286,48 @@ export class AgentSession {
         break;
     }
     this.rescheduleIfSooner();
+    this.armPrepareCheck();
   }
 
   private async apply(state: RuntimeState, effects: Effect[]): Promise<void> {
     // State first: even if a send fails, the decision stands and the next attach continues from it.
     this.runtime = state;
-    await this.actuator.run(effects);
+    if (!effects.some((e) => e.kind === "zero")) {
+      await this.actuator.run(effects);
+      return;
+    }
+    const abort = new AbortController();
+    this.zeroAbort = abort;
+    try {
+      await this.actuator.run(effects, abort.signal);
+    } finally {
+      if (this.zeroAbort === abort) this.zeroAbort = undefined;
+    }
+  }
+
+  /** A waiting PREPARE: check again in prepareCheckMs unless a check is already due. */
+  private armPrepareCheck(): void {
+    if (awaitingPrepare(this.runtime) && !this.prepareTimer) this.schedulePrepareCheck(this.runtimeOptions.prepareCheckMs);
+  }
+
+  private schedulePrepareCheck(delayMs: number): void {
+    this.clearPrepareCheck();
+    if (this.stopped || !this.stream) return;
+    const attach = this.attachCount;
+    this.prepareTimer = setTimeout(() => {
+      this.prepareTimer = undefined;
+      void this.enqueue(async () => {
+        if (attach !== this.attachCount || !this.stream) return;
+        const step = onPrepareCheck(this.runtime, this.trySample(), (this.opts.now ?? Date.now)(), this.runtimeOptions);
+        await this.apply(step.state, step.effects);
+        this.armPrepareCheck();
+      });
+    }, delayMs);
+  }
+
+  private clearPrepareCheck(): void {
+    if (this.prepareTimer) clearTimeout(this.prepareTimer);
+    this.prepareTimer = undefined;
   }
 
   private trySample(): Sample | undefined {
@@ -283,17 +347,10 @@ export class AgentSession {
 
   private async tick(): Promise<void> {
     if (!this.stream) return;
-    const sample = this.trySample();
-    if (sample) {
-      const estimate = estimateMemory(
-        sample,
-        { ramBytes: this.runtime.balloon?.ramBytes ?? 0, actualBytes: this.runtime.balloon?.actualBytes ?? 0 },
-        this.runtimeOptions.policy,
-      );
-      await this.send({ msg: { case: "sample", value: toMemorySample(sample, estimate) } });
-    }
-    const step = onTick(this.runtime, sample, this.runtimeOptions);
+    // Decide on every sample; the state machine says which samples also go to the coordinator (a "report" effect).
+    const step = onTick(this.runtime, this.trySample(), this.runtimeOptions);
     await this.apply(step.state, step.effects);
+    this.armPrepareCheck();
   }
 
   private scheduleTick(delayMs: number): void {

@@ -63,9 +63,11 @@ export function toMemorySample(sample: Sample, estimate: MemoryEstimate | undefi
   return out;
 }
 
-/** A balloon or ack effect as a SessionRequest; other effects have no message. */
+/** A report, balloon or ack effect as a SessionRequest; other effects have no message. */
 export function effectToRequest(effect: Effect): SessionRequestInit | undefined {
   switch (effect.kind) {
+    case "report":
+      return { msg: { case: "sample", value: toMemorySample(effect.sample, effect.estimate) } };
     case "balloon":
       return {
         msg: {

@@ -12,7 +12,10 @@
  * sample's arrival, so it spans whole sampling periods: start-up (module
  * load, first attach) is outside it. The cost per sample therefore includes
  * everything the agent does per period: the /proc reads, the policy, the
- * gRPC write, timers, keepalive pings and GC.
+ * gRPC writes, timers, keepalive pings and GC. "Per sample" means per
+ * sampling period (window length × rate): the agent takes and decides on a
+ * sample every period but reports only some of them to the coordinator
+ * (`reportedSamples`), so counting arrivals would overstate the cost.
  *
  * RSS is VmRSS from /proc/<pid>/status, polled during the window (max), with
  * VmHWM (the peak since the process started, start-up included) alongside.
@@ -37,6 +40,9 @@ export const CLOCK_TICKS_PER_SEC = 100;
 /** The agent's NODE_OPTIONS in production (agent/ballast-agent.service) and in the lab guest. */
 export const PRODUCTION_NODE_OPTIONS = "--max-old-space-size=64";
 
+/** The V8 flags on the agent's command line in production (ExecStart in agent/ballast-agent.service, and lab/guest/agent-supervisor.sh). */
+export const PRODUCTION_NODE_ARGS: readonly string[] = ["--lite-mode", "--max-semi-space-size=1"];
+
 /** Targets from the issue. */
 export const AGENT_COST_TARGETS = Object.freeze({ cpuMsPerSample: 1, rssMiB: 60 });
 
@@ -47,8 +53,10 @@ export interface AgentCostResult {
   cpuMsPerSample: number;
   /** Max VmRSS polled during the window, MiB. */
   rssMiB: number;
-  /** Samples in the CPU window. */
+  /** Sampling periods in the CPU window (window × rate): the agent takes one sample per period. */
   samples: number;
+  /** Samples the coordinator received in the window (the agent reports only some of those it takes). */
+  reportedSamples: number;
   /** Length of the CPU window, seconds. */
   seconds: number;
   /** The sampling rate the agent ran at. */
@@ -63,7 +71,7 @@ export interface AgentCostResult {
   rssHwmMiB: number;
   /** How many RSS readings the max is over. */
   rssPolls: number;
-  /** Where `samples` came from: counted by the coordinator, or elapsed time × rate. */
+  /** How the window was aligned: on samples the coordinator received, or (estimated) not aligned. */
   samplesSource: "coordinator" | "estimated";
   /** Balloon requests the agent sent during the window (0 unless steady-state ballooning shrinks). */
   balloonRequests?: number;
@@ -160,7 +168,8 @@ function finish(
   notes: string[],
   balloonRequests?: number,
 ): AgentCostResult {
-  const samples = end.samples - start.samples;
+  const reportedSamples = end.samples - start.samples;
+  const samples = Math.round(((end.at - start.at) / 1000) * hz);
   const cpu = cpuFrom(start, end, notes);
   const cpuMsPerSample = samples > 0 ? cpu.cpuMs / samples : NaN;
   const rssMiB = rss.maxBytes / MiB;
@@ -169,6 +178,7 @@ function finish(
     cpuMsPerSample: round(cpuMsPerSample, 4),
     rssMiB: round(rssMiB, 1),
     samples,
+    reportedSamples,
     seconds: round((end.at - start.at) / 1000, 2),
     hz,
     cpuMs: round(cpu.cpuMs, 2),
@@ -200,8 +210,10 @@ export interface AgentCostHostOptions {
   steadyState?: boolean;
   /** NODE_OPTIONS for the agent. Default "--max-old-space-size=64", as agent/ballast-agent.service sets. */
   nodeOptions?: string;
-  /** Extra node flags before the bundle (for investigation, e.g. ["--cpu-prof"]). Default none. */
+  /** Node flags before the bundle. Default {@link PRODUCTION_NODE_ARGS}, as in production. */
   nodeArgs?: string[];
+  /** The agent bundle to run. Default dist/ballast-agent.mjs (for investigation: a variant build elsewhere). */
+  bundle?: string;
   onProgress?: (line: string) => void;
 }
 
@@ -245,11 +257,11 @@ export async function runAgentCostHost(opts: AgentCostHostOptions = {}): Promise
   if (!(hz > 0 && hz <= 10)) throw new RangeError(`hz must be in (0, 10], got ${hz}`);
   const intervalMs = Math.round(1000 / hz);
   const nodeOptions = opts.nodeOptions ?? PRODUCTION_NODE_OPTIONS;
-  const bundle = join(ROOT, "dist/ballast-agent.mjs");
+  const bundle = opts.bundle ?? join(ROOT, "dist/ballast-agent.mjs");
   const ramBytes = statusBytes(readFileSync("/proc/meminfo", "utf8"), "MemTotal") ?? 1024 * MiB;
   const notes: string[] = [
     `real agent bundle on this host, NODE_OPTIONS=${JSON.stringify(nodeOptions)}${nodeOptions === PRODUCTION_NODE_OPTIONS ? " as in agent/ballast-agent.service" : ""}; Policy sample_interval ${intervalMs} ms, steady_state ${opts.steadyState ?? false}`,
-    "samples counted by the fake coordinator; the CPU window spans whole sampling periods (agent start-up excluded)",
+    "CPU window aligned on samples the fake coordinator received: it spans whole sampling periods (agent start-up excluded); per sample = per sampling period",
   ];
 
   let samples = 0;
@@ -299,7 +311,7 @@ export async function runAgentCostHost(opts: AgentCostHostOptions = {}): Promise
   progress(`starting ${bundle} against a fake coordinator on 127.0.0.1:${port}`);
   const child = spawn(
     process.execPath,
-    [...(opts.nodeArgs ?? []), bundle, "run", "--config", configFile, "--coordinator", `127.0.0.1:${port}`, "--vm-id", "bench-host", "--no-drop-caches", "--sample-interval-ms", String(intervalMs)],
+    [...(opts.nodeArgs ?? PRODUCTION_NODE_ARGS), bundle, "run", "--config", configFile, "--coordinator", `127.0.0.1:${port}`, "--vm-id", "bench-host", "--no-drop-caches", "--sample-interval-ms", String(intervalMs)],
     { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, NODE_OPTIONS: nodeOptions, LOG_LEVEL: "info" } },
   );
   let output = "";
@@ -371,7 +383,7 @@ export async function runAgentCostHost(opts: AgentCostHostOptions = {}): Promise
     const status = readFileSync(`/proc/${pid}/status`, "utf8");
     const hwm = statusBytes(status, "VmHWM") ?? NaN;
     const result = finish("host", pid, hz, start, end, { maxBytes: rssMax, polls, hwmBytes: hwm }, "coordinator", notes, balloonRequests - balloonAtStart);
-    progress(`agent on host: ${result.cpuMsPerSample} ms CPU per sample over ${result.samples} samples, RSS max ${result.rssMiB} MiB`);
+    progress(`agent on host: ${result.cpuMsPerSample} ms CPU per sample over ${result.samples} samples (${result.reportedSamples} reported), RSS max ${result.rssMiB} MiB`);
     return result;
   } finally {
     if (rssTimer) clearInterval(rssTimer);

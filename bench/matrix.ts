@@ -4,6 +4,7 @@
  * guest state. Every number comes from the run itself (QEMU's query-migrate
  * on both sides, the guest's /proc, the coordinator's record).
  */
+import { readFileSync } from "node:fs";
 import { BalloonStrategy, MigrationMode, Phase } from "../gen/ballast/v1/common_pb.js";
 import type { Migration } from "../gen/ballast/v1/migration_pb.js";
 import { errorMessage } from "../shared/errors.js";
@@ -236,11 +237,23 @@ export async function runOnce(w: Workload, c: BenchConfig, rep: number, o: Matri
     }
     res.ok = true;
   } catch (err) {
-    res.error = errorMessage(err);
+    // Keep the evidence: the lab removes its work dir on stop.
+    const tails = Object.values(lab.hosts)
+      .flatMap((h) => (h.vm ? [`${h.name} qemu: ${tail(h.vm.qemuLog)}`, `${h.name} serial: ${tail(h.vm.serialLog)}`] : []))
+      .join(" | ");
+    res.error = `${errorMessage(err)}${tails ? ` [${tails}]` : ""}`;
   } finally {
     await lab.stop();
   }
   return res;
+}
+
+function tail(file: string, bytes = 400): string {
+  try {
+    return readFileSync(file, "utf8").slice(-bytes).replace(/\s+/g, " ").trim();
+  } catch {
+    return "(no log)";
+  }
 }
 
 /** Runs every selected (workload, configuration) pair `reps` times, interleaving configurations per repetition. */

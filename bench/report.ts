@@ -148,9 +148,13 @@ export function targetChecks(cells: Cell[], ballast: string): TargetCheck[] {
 /**
  * The Ballast pre-copy strategy with the shortest median total time on the
  * cache-heavy workload (bytes break ties); undefined if none ran there.
+ * A strategy with any failed run, on any workload, is not eligible: a
+ * default must be safe before it is fast.
  */
 export function bestStrategy(cells: Cell[]): string | undefined {
+  const failed = new Set(cells.filter((c) => c.failures > 0).map((c) => c.config));
   const candidates = ["ballast-inflate", "ballast-overlap", "ballast-steady"]
+    .filter((id) => !failed.has(id))
     .map((id) => cell(cells, "c", id))
     .filter((c): c is Cell => c !== undefined && c.totalMs.n > 0);
   candidates.sort((x, y) => x.totalMs.median - y.totalMs.median || x.bytes.median - y.bytes.median);

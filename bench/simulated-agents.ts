@@ -14,8 +14,8 @@
  * parent's IPC channel closes. It only ever dials the address the parent
  * gives, which the parent takes from a coordinator it bound on 127.0.0.1.
  */
-import { readFileSync, realpathSync } from "node:fs";
-import { fileURLToPath } from "node:url";
+import { readFileSync } from "node:fs";
+import { isEntryPoint } from "../shared/entry-point.js";
 import { join, resolve } from "node:path";
 import * as grpc from "@grpc/grpc-js";
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
@@ -259,15 +259,6 @@ function main(): void {
   send({ type: "loaded", pid: process.pid });
 }
 
-function isEntryPoint(): boolean {
-  const script = process.argv[1];
-  if (!script) return false;
-  try {
-    return realpathSync(script) === realpathSync(fileURLToPath(import.meta.url));
-  } catch {
-    return false;
-  }
-}
 
 // Importing this module (for its types and constants) must not start agents.
-if (isEntryPoint()) main();
+if (isEntryPoint(import.meta.url)) main();

@@ -42,6 +42,9 @@ interface Running {
   migrateIssued: boolean;
 }
 
+/** The Hello capability of an agent whose PREPARE ack follows the inflation and the zeroing of its free memory. */
+export const ZERO_FREE_CAPABILITY = "zero-free";
+
 const TERMINAL_STATUS: Record<string, Phase> = { completed: Phase.COMPLETED, failed: Phase.FAILED, cancelled: Phase.CANCELLED };
 
 /** Drives outgoing migrations of this host's VMs. */
@@ -189,7 +192,13 @@ export class MigrationOrchestrator {
       abort.signal.throwIfAborted();
       log.info({ uri }, "destination ready");
       await vm.qemu.setMigrationCapabilities({ events: true, "postcopy-ram": postcopy, "postcopy-blocktime": postcopy });
-      await vm.qemu.setMigrationParameters({ maxBandwidthBytesPerSec: r.maxBandwidthBytesPerSec, downtimeLimitMs: r.downtimeLimitMs });
+      // QEMU's post-copy phase is unthrottled by default (max-postcopy-bandwidth 0):
+      // cap it too, so the link limit holds for the whole migration.
+      await vm.qemu.setMigrationParameters({
+        maxBandwidthBytesPerSec: r.maxBandwidthBytesPerSec,
+        maxPostcopyBandwidthBytesPerSec: r.maxBandwidthBytesPerSec,
+        downtimeLimitMs: r.downtimeLimitMs,
+      });
 
       await this.prepare(run, log);
       abort.signal.throwIfAborted();
@@ -237,32 +246,79 @@ export class MigrationOrchestrator {
     const deadline = started + r.prepareDeadlineMs;
     if (vm.migration) vm.migration.deadlineUnixMs = deadline;
     r.agentState = AgentState.PREPARING;
+    // An agent with "zero-free" acks PREPARE only after the inflation and after zeroing its free memory:
+    // with inflate-then-migrate, that ack (bounded by the same deadline) is worth waiting for.
+    const zeroFree =
+      r.strategy === BalloonStrategy.INFLATE_THEN_MIGRATE && (this.options.hub.session(r.vm)?.hello.capabilities.includes(ZERO_FREE_CAPABILITY) ?? false);
     // Listen before sending: a fast agent may answer before we start waiting.
     const requested = this.waitForPrepareRequest(r, deadline, abort.signal);
+    const acked = zeroFree ? this.waitForPrepareAck(r, deadline, abort.signal) : undefined;
     this.setPhase(run, Phase.PREPARE);
     if (r.strategy === BalloonStrategy.OVERLAP) {
       void requested.catch(() => {});
       return;
     }
-    const got = await requested;
-    abort.signal.throwIfAborted();
-    if (got) {
-      const ctl = vm.balloon;
-      if (ctl) {
-        const res = await ctl.waitForTarget({
-          deadlineMs: Math.max(0, deadline - Date.now()),
-          signal: abort.signal,
-          onProgress: () => {
-            this.noteBalloon(run);
-            this.options.store.changed(r);
-          },
-        });
-        log.info(res, "PREPARE inflation finished");
+    try {
+      const got = await requested;
+      abort.signal.throwIfAborted();
+      if (got) {
+        const ctl = vm.balloon;
+        if (ctl) {
+          const res = await ctl.waitForTarget({
+            deadlineMs: Math.max(0, deadline - Date.now()),
+            signal: abort.signal,
+            onProgress: () => {
+              this.noteBalloon(run);
+              this.options.store.changed(r);
+            },
+          });
+          log.info(res, "PREPARE inflation finished");
+        }
+        if (acked) {
+          const waitStarted = Date.now();
+          const ack = await acked.done;
+          abort.signal.throwIfAborted();
+          if (ack) log.info({ waitedMs: Date.now() - waitStarted }, "agent zeroed free memory and acked PREPARE");
+          else log.warn({ waitedMs: Date.now() - waitStarted }, "no PREPARE ack from the agent before the deadline; migrating anyway");
+        }
+      } else {
+        log.warn("agent sent no PREPARE target before the deadline; migrating anyway");
       }
-    } else {
-      log.warn("agent sent no PREPARE target before the deadline; migrating anyway");
+    } finally {
+      acked?.cancel();
     }
     r.prepareMs = Date.now() - started;
+  }
+
+  /**
+   * Resolves true on the agent's PhaseAck(PREPARE) for this migration; false
+   * at the deadline, on disconnect, on abort, or on `cancel()`.
+   */
+  private waitForPrepareAck(r: MigrationRecord, deadline: number, signal: AbortSignal): { done: Promise<boolean>; cancel: () => void } {
+    const hub = this.options.hub;
+    let cancel: () => void = () => {};
+    const done = new Promise<boolean>((resolve) => {
+      const finish = (v: boolean) => {
+        clearTimeout(timer);
+        hub.off("ack", onAck);
+        hub.off("disconnected", onGone);
+        signal.removeEventListener("abort", onAbort);
+        resolve(v);
+      };
+      const onAck = (e: { vmName: string; ack: PhaseAck }) => {
+        if (e.vmName === r.vm && e.ack.migrationId === r.id && e.ack.phase === Phase.PREPARE) finish(true);
+      };
+      const onGone = (vmName: string) => {
+        if (vmName === r.vm) finish(false);
+      };
+      const onAbort = () => finish(false);
+      const timer = setTimeout(() => finish(false), Math.max(0, deadline - Date.now()));
+      hub.on("ack", onAck);
+      hub.on("disconnected", onGone);
+      signal.addEventListener("abort", onAbort, { once: true });
+      cancel = () => finish(false);
+    });
+    return { done, cancel };
   }
 
   private waitForPrepareRequest(r: MigrationRecord, deadline: number, signal: AbortSignal): Promise<boolean> {

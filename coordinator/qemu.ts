@@ -157,10 +157,13 @@ export class Qemu {
    * default `max-bandwidth` is only 32 MiB/s, so callers should always set it.
    * Does nothing when neither is given.
    */
-  async setMigrationParameters(params: { maxBandwidthBytesPerSec?: number; downtimeLimitMs?: number }): Promise<void> {
+  async setMigrationParameters(params: { maxBandwidthBytesPerSec?: number; maxPostcopyBandwidthBytesPerSec?: number; downtimeLimitMs?: number }): Promise<void> {
     const args: Record<string, unknown> = {};
     if (params.maxBandwidthBytesPerSec !== undefined) {
       args["max-bandwidth"] = nonNegativeInt(params.maxBandwidthBytesPerSec, "maxBandwidthBytesPerSec");
+    }
+    if (params.maxPostcopyBandwidthBytesPerSec !== undefined) {
+      args["max-postcopy-bandwidth"] = nonNegativeInt(params.maxPostcopyBandwidthBytesPerSec, "maxPostcopyBandwidthBytesPerSec");
     }
     if (params.downtimeLimitMs !== undefined) {
       args["downtime-limit"] = nonNegativeInt(params.downtimeLimitMs, "downtimeLimitMs");

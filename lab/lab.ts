@@ -117,6 +117,7 @@ export class Lab {
       progress("booting the guest on host a");
       hosts.a.vm = await lab.startQemu("a", false);
       lab.shell = await GuestShell.connect(hosts.a.vm.serialPath, { logger: options.logger });
+      lab.shellOn = hosts.a.vm;
       await lab.shell.ready(120_000);
       if (options.agent !== false) {
         progress("waiting for the guest agent to attach");
@@ -188,25 +189,17 @@ export class Lab {
   ): Promise<Migration> {
     const from = this.hosts[this.active];
     const to = this.hosts[this.other];
-    const incoming = await this.startQemu(to.name, true);
-    to.vm = incoming;
-    await this.waitVm(to.name, (vm) => vm.qmpConnected && vm.runState === "inmigrate", `incoming QEMU on host ${to.name}`);
+    const incoming = await this.startIncoming();
     let last: Migration | undefined;
-    let moved = false;
     let hook: Promise<void> | undefined;
-    const moveShell = async () => {
-      if (moved) return;
-      moved = true;
-      this.shell.close();
-      this.shell = await GuestShell.connect(incoming.serialPath, { logger: this.options.logger });
-    };
     for await (const msg of from.migrations.migrate({ ...request, vm: VM_NAME, destination: to.coordinator.address })) {
       if (!msg.migration) continue;
       last = msg.migration;
       hooks.onUpdate?.(last);
       if (last.phase === Phase.POSTCOPY_ACTIVE && hooks.onPostcopy && !hook) {
         const run = hooks.onPostcopy;
-        hook = moveShell().then(() => run(this.shell));
+        // The guest runs on the destination now: the shell goes there early.
+        hook = this.moveShellTo(incoming).then(() => run(this.shell));
       }
     }
     if (hook) await hook;
@@ -217,13 +210,59 @@ export class Lab {
       to.vm = undefined;
       return last;
     }
+    await this.followGuest();
+    return last;
+  }
+
+  private async moveShellTo(vm: VmHandle): Promise<void> {
+    if (this.shellOn === vm) return;
+    this.shell.close();
+    this.shell = await GuestShell.connect(vm.serialPath, { logger: this.options.logger });
+    this.shellOn = vm;
+  }
+
+  /** QEMU processes of this lab that have exited (their logs stay readable until stop). */
+  private readonly exited = new WeakSet<VmHandle>();
+  /** The QEMU whose serial console `shell` is attached to. */
+  private shellOn: VmHandle | undefined;
+
+  /**
+   * Starts a QEMU with `-incoming defer` on the host the guest is not on (if
+   * none runs there) and waits until that host's coordinator sees it.
+   */
+  async startIncoming(): Promise<VmHandle> {
+    const to = this.hosts[this.other];
+    if (!to.vm || this.exited.has(to.vm)) {
+      // A failed or cancelled incoming migration ends that QEMU: start a fresh one.
+      const vm = await this.startQemu(to.name, true);
+      void vm.exited.then(() => this.exited.add(vm));
+      to.vm = vm;
+    }
+    await this.waitVm(to.name, (vm) => vm.qmpConnected && vm.runState === "inmigrate", `incoming QEMU on host ${to.name}`);
+    return to.vm;
+  }
+
+  /** Whether the other host has a live incoming QEMU. */
+  async incomingReady(): Promise<boolean> {
+    const vm = this.hosts[this.other].vm;
+    return vm !== undefined && !this.exited.has(vm);
+  }
+
+  /**
+   * After a completed migration (by this lab or by anyone calling the
+   * coordinators): stops the old source QEMU by PID, makes the other host
+   * active, moves the shell, and waits for the agent to re-attach there.
+   */
+  async followGuest(): Promise<void> {
+    const from = this.hosts[this.active];
+    const to = this.hosts[this.other];
+    if (!to.vm) throw new FailedPreconditionError(`lab: no QEMU on host ${to.name} to follow the guest to`);
     await from.vm?.stop();
     from.vm = undefined;
     this.active = to.name;
-    await moveShell();
+    await this.moveShellTo(to.vm);
     await this.shell.ready(60_000);
     if (this.options.agent !== false) await this.waitVm(to.name, (vm) => vm.agentConnected, `agent re-attached on host ${to.name}`, 60_000);
-    return last;
   }
 
   /** Stops every process the lab started, by PID, and removes its work dir if it made it. */

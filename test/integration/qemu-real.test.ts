@@ -5,9 +5,9 @@
  */
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { existsSync, mkdtempSync, rmSync } from "node:fs";
-import net from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { freePort } from "../../shared/net.js";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { BalloonController } from "../../coordinator/balloon-controller.js";
 import { Qemu, type MigrateStats } from "../../coordinator/qemu.js";
@@ -42,16 +42,6 @@ function requireQemu(): string {
   return r.stdout.split("\n")[0] ?? "";
 }
 
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.once("error", reject);
-    s.listen(0, "127.0.0.1", () => {
-      const port = (s.address() as net.AddressInfo).port;
-      s.close(() => resolve(port));
-    });
-  });
-}
 
 async function startVm(name: string, extra: string[] = []): Promise<Vm> {
   const socketPath = join(dir, `${name}.qmp`);

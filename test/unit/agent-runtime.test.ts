@@ -7,10 +7,13 @@ import {
   onBalloonState,
   onPhaseEvent,
   onPolicy,
+  onPrepareCheck,
+  reportDue,
   onTick,
   onWelcome,
   sampleIntervalMs,
   type Effect,
+  type ReportContext,
   type RuntimeState,
 } from "../../agent/runtime.js";
 import type { Sample } from "../../agent/sample.js";
@@ -57,6 +60,8 @@ function mk(s: Partial<Shape> = {}): Sample {
 }
 
 const NOW = 1_700_000_000_000;
+/** The sequence without zeroing: the ack follows the request at once. */
+const NO_ZERO = { ...DEFAULT_RUNTIME_OPTIONS, zeroFree: false };
 const POLICY = { floorBytes: 300 * MiB, maxBytes: 1024 * MiB, sampleIntervalMs: 2000, steadyState: false };
 
 function attached(steadyState = false): RuntimeState {
@@ -71,8 +76,8 @@ const acks = (effects: Effect[]) => effects.flatMap((e) => (e.kind === "ack" ? [
 const ev = (phase: Phase, extra: { deadlineUnixMs?: number; migrationId?: string } = {}) => ({ migrationId: extra.migrationId ?? "m1", phase, pass: 0, ...extra });
 
 describe("PREPARE", () => {
-  it("reclaims cache, then asks for the PREPARE target, then acks it", () => {
-    const step = onPhaseEvent(attached(), ev(Phase.PREPARE, { deadlineUnixMs: NOW + 15_000 }), mk(), NOW);
+  it("without zeroing: reclaims cache, then asks for the PREPARE target, then acks it", () => {
+    const step = onPhaseEvent(attached(), ev(Phase.PREPARE, { deadlineUnixMs: NOW + 15_000 }), mk(), NOW, NO_ZERO);
     expect(kinds(step.effects)).toEqual(["reclaim", "balloon", "ack"]);
     expect(step.effects.find((e) => e.kind === "reclaim")).toMatchObject({ bytes: 382 * MiB, budgetMs: 3000 });
     expect(balloons(step.effects)).toEqual([{ target: 465, reason: "prepare", migrationId: "m1" }]);
@@ -81,8 +86,8 @@ describe("PREPARE", () => {
   });
 
   it.each([
-    ["drop caches disabled", { ...DEFAULT_RUNTIME_OPTIONS, dropCaches: false }, NOW + 15_000],
-    ["deadline too close", DEFAULT_RUNTIME_OPTIONS, NOW + 400],
+    ["drop caches disabled", { ...NO_ZERO, dropCaches: false }, NOW + 15_000],
+    ["deadline too close", NO_ZERO, NOW + 400],
   ])("no reclaim when %s", (_, options, deadline) => {
     const step = onPhaseEvent(attached(), ev(Phase.PREPARE, { deadlineUnixMs: deadline }), mk(), NOW, options);
     expect(kinds(step.effects)).toEqual(["balloon", "ack"]);
@@ -122,10 +127,126 @@ describe("PREPARE", () => {
   });
 
   it("a repeated PREPARE (re-attach to the same host) re-acks without reclaiming again or forgetting the old target", () => {
-    const first = onPhaseEvent(attached(), ev(Phase.PREPARE), mk(), NOW);
-    const again = onWelcome(first.state, ev(Phase.PREPARE), mk(), NOW + 1000);
+    const first = onPhaseEvent(attached(), ev(Phase.PREPARE), mk(), NOW, NO_ZERO);
+    const again = onWelcome(first.state, ev(Phase.PREPARE), mk(), NOW + 1000, NO_ZERO);
     expect(kinds(again.effects)).toEqual(["balloon", "ack"]);
     expect(again.state.targetBeforePrepareBytes).toBe(1024 * MiB);
+  });
+});
+
+describe("PREPARE with zeroing: request -> wait for the balloon -> zero free memory -> ack", () => {
+  const DEADLINE = NOW + 15_000;
+  // After the inflation: 230 MiB free (66 high watermark), 300 MiB available -> zero min(230-66-32, 300-64) = 132 MiB.
+  const inflated = mk({ t: 5000, free: 230, avail: 300, inactiveFile: 100 });
+  const balloonAt = (s: RuntimeState, actualMiB: number) => onBalloonState(s, { targetBytes: 465 * MiB, actualBytes: actualMiB * MiB, ramBytes: 1024 * MiB });
+  const zeros = (effects: Effect[]) => effects.flatMap((e) => (e.kind === "zero" ? [{ mib: e.bytes / MiB, chunk: e.chunkBytes / MiB, budgetMs: e.budgetMs }] : []));
+  const prepared = () => onPhaseEvent(attached(), ev(Phase.PREPARE, { deadlineUnixMs: DEADLINE }), mk(), NOW);
+
+  it("PREPARE: reclaim and request, but no ack yet", () => {
+    const step = prepared();
+    expect(kinds(step.effects)).toEqual(["reclaim", "balloon"]);
+    expect(step.state.prepareWait).toMatchObject({ migrationId: "m1", targetBytes: 465 * MiB, deadlineUnixMs: DEADLINE });
+  });
+
+  it("the balloon on its way: keep waiting; within 8 MiB of the target: zero, then ack", () => {
+    let s = prepared().state;
+    const steps: string[][] = [];
+    for (const [actual, dt] of [[1024, 250], [800, 750], [600, 1250], [470, 1750]] as const) {
+      const step = onPrepareCheck(balloonAt(s, actual), inflated, NOW + dt);
+      steps.push(kinds(step.effects));
+      s = step.state;
+    }
+    expect(steps).toEqual([[], [], [], ["zero", "ack"]]);
+    expect(s.prepareWait).toBeUndefined();
+  });
+
+  it("the zero effect comes before the ack, sized from the sample, with the 2 s budget", () => {
+    const step = onPrepareCheck(balloonAt(prepared().state, 465), inflated, NOW + 2000);
+    expect(kinds(step.effects)).toEqual(["zero", "ack"]);
+    expect(zeros(step.effects)).toEqual([{ mib: 132, chunk: 64, budgetMs: 2000 }]);
+    expect(acks(step.effects)).toEqual([{ phase: Phase.PREPARE, target: 465, migrationId: "m1" }]);
+  });
+
+  it("a stalled balloon (no step closer for 3 s): zero and ack anyway", () => {
+    let s = onPrepareCheck(balloonAt(prepared().state, 700), inflated, NOW + 1000).state;
+    s = onPrepareCheck(balloonAt(s, 690), inflated, NOW + 2000).state;
+    // Oscillating near its limit is no progress.
+    expect(kinds(onPrepareCheck(balloonAt(s, 700), inflated, NOW + 4900).effects)).toEqual([]);
+    expect(kinds(onPrepareCheck(balloonAt(s, 700), inflated, NOW + 5000).effects)).toEqual(["zero", "ack"]);
+  });
+
+  it("no BalloonState at all: stalled after 3 s", () => {
+    const s = prepared().state;
+    const noBalloon = { ...s, balloon: { targetBytes: 0, actualBytes: 0, ramBytes: 1024 * MiB } };
+    expect(kinds(onPrepareCheck(noBalloon, inflated, NOW + 2999).effects)).toEqual([]);
+    expect(kinds(onPrepareCheck(noBalloon, inflated, NOW + 3000).effects)).toEqual(["zero", "ack"]);
+  });
+
+  it("the deadline nears (2 s budget + 0.5 s margin left) while the balloon still moves: zero and ack", () => {
+    // A slow, steadily moving balloon: never stalled.
+    let s = prepared().state;
+    let t = NOW;
+    for (let actual = 1000; t < DEADLINE - 2501; actual -= 20, t += 1000) {
+      const step = onPrepareCheck(balloonAt(s, actual), inflated, t);
+      expect(kinds(step.effects)).toEqual([]);
+      s = step.state;
+    }
+    const step = onPrepareCheck(balloonAt(s, 700), inflated, DEADLINE - 2500);
+    expect(kinds(step.effects)).toEqual(["zero", "ack"]);
+    expect(zeros(step.effects)[0]?.budgetMs).toBe(2000);
+  });
+
+  it("less than 2.5 s left: a shorter budget, ending 0.5 s before the deadline", () => {
+    const step = onPrepareCheck(balloonAt(prepared().state, 465), inflated, DEADLINE - 1500);
+    expect(zeros(step.effects)[0]?.budgetMs).toBe(1000);
+  });
+
+  it.each([
+    ["too close to the deadline to zero", DEADLINE - 700, inflated],
+    ["an incomplete sample", NOW + 2000, undefined],
+    ["memory pressure", NOW + 2000, mk({ t: 5000, free: 230, avail: 300, psiSome: 30 })],
+    ["too little room (free just above the watermark)", NOW + 2000, mk({ t: 5000, free: 100, avail: 300 })],
+  ])("no zeroing, ack only: %s", (_, now, sample) => {
+    const step = onPrepareCheck(balloonAt(prepared().state, 465), sample, now);
+    expect(kinds(step.effects)).toEqual(["ack"]);
+  });
+
+  it("pressure at PREPARE: grow and ack at once, no wait", () => {
+    let s = onBalloonState(attached(), { targetBytes: 500 * MiB, actualBytes: 500 * MiB, ramBytes: 1024 * MiB });
+    s = onTick(s, mk({ t: 0 })).state;
+    const step = onPhaseEvent(s, ev(Phase.PREPARE), mk({ t: 1000, psiSome: 30 }), NOW);
+    expect(kinds(step.effects)).toEqual(["balloon", "ack"]);
+    expect(step.state.prepareWait).toBeUndefined();
+  });
+
+  it("pressure while waiting: grow, ack at once, no zeroing", () => {
+    let s = onTick(prepared().state, mk({ t: 0 })).state;
+    const step = onTick(s, mk({ t: 1000, refaultFile: 2000 }));
+    expect(kinds(step.effects)).toEqual(["report", "balloon", "ack"]);
+    expect(acks(step.effects)).toEqual([{ phase: Phase.PREPARE, target: 465 + 128, migrationId: "m1" }]);
+    s = step.state;
+    expect(s.prepareWait).toBeUndefined();
+    expect(onPrepareCheck(s, inflated, NOW + 2000).effects).toEqual([]);
+  });
+
+  it.each([Phase.PRECOPY_PASS, Phase.SWITCHOVER, Phase.POSTCOPY_ACTIVE, Phase.COMPLETED, Phase.CANCELLED])("phase %i while waiting: the wait is dropped, no PREPARE ack", (phase) => {
+    const step = onPhaseEvent(prepared().state, ev(phase), mk(), NOW + 1000);
+    expect(step.state.prepareWait).toBeUndefined();
+    expect(acks(step.effects).filter((a) => a.phase === Phase.PREPARE)).toEqual([]);
+  });
+
+  it("a repeated PREPARE while waiting keeps waiting; after the ack it is answered at once", () => {
+    const again = onWelcome(prepared().state, ev(Phase.PREPARE), mk(), NOW + 1000);
+    expect(kinds(again.effects)).toEqual(["balloon"]);
+    expect(again.state.prepareWait).toBeDefined();
+    const done = onPrepareCheck(balloonAt(again.state, 465), inflated, NOW + 2000);
+    const third = onWelcome(done.state, ev(Phase.PREPARE), mk(), NOW + 3000);
+    expect(kinds(third.effects)).toEqual(["balloon", "ack"]);
+  });
+
+  it("an incomplete sample at PREPARE: ack at once", () => {
+    const s = onBalloonState(attached(), { targetBytes: 800 * MiB, actualBytes: 800 * MiB, ramBytes: 1024 * MiB });
+    expect(kinds(onPhaseEvent(s, ev(Phase.PREPARE), undefined, NOW).effects)).toEqual(["balloon", "ack"]);
   });
 });
 
@@ -137,9 +258,9 @@ describe("a whole pre-copy migration", () => {
       expect(kinds(step.effects)).toEqual(["ack"]);
       s = step.state;
     }
-    // Holding: a quiet tick never moves the balloon while migrating, even with a low estimate.
+    // Holding: a quiet tick never moves the balloon while migrating, even with a low estimate (it only reports the sample).
     const tick = onTick(s, mk({ t: 1000, free: 800, inactiveFile: 0 }));
-    expect(tick.effects).toEqual([]);
+    expect(kinds(tick.effects)).toEqual(["report"]);
     const done = onPhaseEvent(tick.state, ev(Phase.COMPLETED), mk(), NOW);
     expect(balloons(done.effects)).toEqual([{ target: 1024, reason: "restore", migrationId: "m1" }]);
     expect(acks(done.effects)).toEqual([{ phase: Phase.COMPLETED, target: 1024, migrationId: "m1" }]);
@@ -230,6 +351,54 @@ describe("post-copy", () => {
 
   it("a Welcome with no migration while steady: nothing", () => {
     expect(onWelcome(attached(), undefined, mk(), NOW).effects).toEqual([]);
+  });
+});
+
+describe("reporting samples: decide every interval, report every 5 s or when something changed", () => {
+  const last = { monotonicMs: 10_000, memAvailableBytes: 700 * MiB };
+  const quiet: ReportContext = { phase: "steady", underPressure: false, requests: false, intervalMs: 1000 };
+  it.each<[string, Parameters<typeof reportDue>[0], Partial<Shape>, Partial<ReportContext>, string | undefined]>([
+    ["the first sample of an attach", undefined, { t: 10_000 }, {}, "first sample"],
+    ["1 s later, nothing changed", last, { t: 11_000 }, {}, undefined],
+    ["4 s later", last, { t: 14_000 }, {}, undefined],
+    ["4.6 s later (timer jitter: half an interval early is on time)", last, { t: 14_600 }, {}, "period"],
+    ["5 s later", last, { t: 15_000 }, {}, "period"],
+    ["MemAvailable moved 40 MiB", last, { t: 11_000, avail: 660 }, {}, "MemAvailable moved"],
+    ["MemAvailable moved 30 MiB", last, { t: 11_000, avail: 730 }, {}, undefined],
+    ["pressure", last, { t: 11_000 }, { underPressure: true }, "pressure"],
+    ["a balloon request", last, { t: 11_000 }, { requests: true }, "balloon request"],
+    ["migrating", last, { t: 11_000 }, { phase: "migrating" }, "migrating"],
+    ["post-copy (200 ms interval)", last, { t: 10_200 }, { phase: "postcopy", intervalMs: 200 }, "postcopy"],
+  ])("%s", (_, prev, shape, ctx, want) => {
+    expect(reportDue(prev, mk(shape), { ...quiet, ...ctx })).toBe(want);
+  });
+
+  it("reportEveryMs 0 reports every sample", () => {
+    expect(reportDue(last, mk({ t: 10_100 }), quiet, { ...DEFAULT_RUNTIME_OPTIONS, reportEveryMs: 0 })).toBe("period");
+  });
+
+  it("a steady guest at 1 Hz: samples 0, 5, 10 reported; a report goes before the balloon request it explains", () => {
+    let s = onPolicy(onBalloonState(attached(), { targetBytes: 600 * MiB, actualBytes: 600 * MiB, ramBytes: 1024 * MiB }), { ...POLICY, sampleIntervalMs: 1000 });
+    const reported: number[] = [];
+    for (let i = 0; i <= 10; i++) {
+      const step = onTick(s, mk({ t: i * 1000 }));
+      if (kinds(step.effects).includes("report")) reported.push(i);
+      s = step.state;
+    }
+    expect(reported).toEqual([0, 5, 10]);
+    const step = onTick(s, mk({ t: 11_000, psiSome: 40 }));
+    expect(kinds(step.effects)).toEqual(["report", "balloon"]);
+    const report = step.effects[0];
+    expect(report).toMatchObject({ kind: "report", why: "pressure" });
+    if (report?.kind !== "report") throw new Error("unreachable");
+    expect(report.estimate?.ramBytes).toBe(1024 * MiB);
+  });
+
+  it("an incomplete sample reports nothing; a Welcome (new coordinator) makes the next sample report at once", () => {
+    let s = onTick(attached(), mk({ t: 0 })).state;
+    expect(kinds(onTick(s, undefined).effects)).toEqual([]);
+    s = onWelcome(s, undefined, mk({ t: 500 }), NOW).state;
+    expect(kinds(onTick(s, mk({ t: 1000 })).effects)).toEqual(["report"]);
   });
 });
 

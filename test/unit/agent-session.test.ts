@@ -4,7 +4,7 @@ import { cpSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } f
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
-import { PageCacheReclaimer } from "../../agent/act.js";
+import { FreeMemoryZeroer, PageCacheReclaimer, type ZeroArenaFactory } from "../../agent/act.js";
 import { DEFAULT_RUNTIME_OPTIONS } from "../../agent/runtime.js";
 import { Collector } from "../../agent/sample.js";
 import { AgentSession, backoffDelayMs, AGENT_CHANNEL_OPTIONS } from "../../agent/session.js";
@@ -120,13 +120,14 @@ afterEach(async () => {
 
 afterAll(() => rmSync(root, { recursive: true, force: true }));
 
-function startAgent(port: number): AgentSession {
+function startAgent(port: number, zeroer?: FreeMemoryZeroer, reportEveryMs = 0): AgentSession {
   const a = new AgentSession({
     coordinator: `127.0.0.1:${port}`,
     vmId: "vm1-agent",
     collector: new Collector({ procRoot: root, sysRoot: sys }),
     reclaimer: new PageCacheReclaimer({ procRoot: root, sysRoot: sys, sync: async () => undefined }),
-    runtime: { ...DEFAULT_RUNTIME_OPTIONS, sampleIntervalMs: 100, fastSampleIntervalMs: 50 },
+    zeroer: zeroer ?? null,
+    runtime: { ...DEFAULT_RUNTIME_OPTIONS, sampleIntervalMs: 100, fastSampleIntervalMs: 50, reportEveryMs },
     backoff: { initialMs: 50, maxMs: 400, factor: 2 },
   });
   a.start();
@@ -200,6 +201,96 @@ describe("AgentSession against a fake coordinator", () => {
     await waitFor("COMPLETED ack", () => acks(second.all()).find((x) => x.phase === Phase.COMPLETED));
     expect(a.state.phase).toBe("steady");
     await waitFor("samples on the new coordinator", () => samples(second.all()).length >= 2);
+  });
+
+  it("zero-free: PREPARE -> request -> wait for the balloon -> zero free memory -> ack", async () => {
+    const c = new FakeCoordinator("host-z");
+    servers.push(c);
+    const port = await c.start();
+    const events: string[] = [];
+    const arena: ZeroArenaFactory = async () => {
+      events.push(`start (acks so far: ${acks(c.all()).length})`);
+      return {
+        grow: async (bytes) => void events.push(`grow ${bytes / MiB}`),
+        release: async () => void events.push("release"),
+      };
+    };
+    startAgent(port, new FreeMemoryZeroer({ arena }));
+    await waitFor("hello", () => c.sessions[0]?.requests[0]);
+    const hello = c.sessions[0]!.requests[0]!;
+    if (hello.msg.case !== "hello") throw new Error("hello first");
+    expect(hello.msg.value.capabilities).toContain("zero-free");
+    await waitFor("a sample", () => samples(c.all()).length >= 1);
+
+    await c.send({ msg: { case: "phaseEvent", value: { migrationId: "mig-z", phase: Phase.PREPARE, deadlineUnixMs: BigInt(Date.now() + 15_000) } } });
+    const prepare = await waitFor("PREPARE request", () => balloonRequests(c.all()).find((r) => r.reason === BalloonReason.PREPARE));
+    // The balloon is on its way: no ack, no zeroing.
+    await c.send({ msg: { case: "balloonState", value: { targetBytes: prepare.targetBytes, actualBytes: BigInt(800 * MiB), ramBytes: BigInt(GiB) } } });
+    await new Promise((r) => setTimeout(r, 600));
+    expect(acks(c.all())).toEqual([]);
+    expect(events).toEqual([]);
+    // There: zero (the fixture guest has 357 MiB free: 258 MiB in units of 64), then ack.
+    await c.send({ msg: { case: "balloonState", value: { targetBytes: prepare.targetBytes, actualBytes: prepare.targetBytes, ramBytes: BigInt(GiB) } } });
+    const ack = await waitFor("PREPARE ack", () => acks(c.all()).find((x) => x.phase === Phase.PREPARE));
+    expect(ack).toMatchObject({ migrationId: "mig-z", targetBytes: prepare.targetBytes });
+    expect(events[0]).toBe("start (acks so far: 0)");
+    expect(events.slice(1)).toEqual(["grow 64", "grow 64", "grow 64", "grow 64", "release"]);
+  });
+
+  it("zero-free: a stalled balloon still gets its ack; a later phase stops a zeroing in progress", async () => {
+    const c = new FakeCoordinator("host-z2");
+    servers.push(c);
+    const port = await c.start();
+    const events: string[] = [];
+    const arena: ZeroArenaFactory = async () => ({
+      grow: async (bytes) => {
+        events.push(`grow ${bytes / MiB}`);
+        await new Promise((r) => setTimeout(r, 150));
+      },
+      release: async () => void events.push("release"),
+    });
+    const a = startAgent(port, new FreeMemoryZeroer({ arena }));
+    await waitFor("a sample", () => samples(c.all()).length >= 1);
+    // The fake coordinator never moves the balloon (actual stays 1 GiB): stalled after 3 s.
+    const t0 = Date.now();
+    await c.send({ msg: { case: "phaseEvent", value: { migrationId: "mig-s", phase: Phase.PREPARE, deadlineUnixMs: BigInt(Date.now() + 15_000) } } });
+    await waitFor("the zeroing", () => events.length > 0, 6000);
+    expect(Date.now() - t0).toBeGreaterThanOrEqual(2900);
+    // The coordinator gave up waiting and migrates: the zeroing stops at once.
+    await c.send({ msg: { case: "phaseEvent", value: { migrationId: "mig-s", phase: Phase.PRECOPY_PASS, pass: 1 } } });
+    await waitFor("released", () => events.includes("release"));
+    expect(events.filter((e) => e.startsWith("grow")).length).toBeLessThan(4);
+    await waitFor("PRECOPY ack", () => acks(c.all()).find((x) => x.phase === Phase.PRECOPY_PASS));
+    expect(a.state.prepareWait).toBeUndefined();
+  });
+
+  it("no zeroer: no zero-free capability, the ack follows the request at once", async () => {
+    const c = new FakeCoordinator("host-nz");
+    servers.push(c);
+    const port = await c.start();
+    startAgent(port);
+    await waitFor("hello", () => c.sessions[0]?.requests[0]);
+    const hello = c.sessions[0]!.requests[0]!;
+    if (hello.msg.case !== "hello") throw new Error("hello first");
+    expect(hello.msg.value.capabilities).not.toContain("zero-free");
+  });
+
+  it("decides on every sample but reports a quiet guest's samples only every reportEveryMs", async () => {
+    const c = new FakeCoordinator("host-r");
+    servers.push(c);
+    const port = await c.start();
+    // Policy interval 100 ms, report every 500 ms.
+    const a = startAgent(port, undefined, 500);
+    await waitFor("the first sample, at once", () => samples(c.all()).length >= 1, 3000);
+    const t0 = Date.now();
+    const prevBefore = a.state.prev?.monotonicMs ?? 0;
+    await new Promise((r) => setTimeout(r, 1600));
+    const n = samples(c.all()).length - 1;
+    // ~16 decisions, ~3 reports.
+    expect((a.state.prev?.monotonicMs ?? 0) - prevBefore).toBeGreaterThan(1000);
+    expect(n).toBeGreaterThanOrEqual(2);
+    expect(n).toBeLessThanOrEqual(4);
+    expect(Date.now() - t0).toBeGreaterThan(1500);
   });
 
   it("keeps retrying with backoff while no coordinator listens, then attaches", async () => {
