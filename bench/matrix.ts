@@ -73,7 +73,7 @@ export interface RunResult {
   preworkMs: number;
   writerRateBeforeMiBs: number;
   writerRateDuringMiBs: number;
-  /** RAM minus MemAvailable at migration time: what one copy of the guest needs. */
+  /** Memory the guest keeps (balloon actual) minus MemAvailable at migration time: what one copy of the guest needs. */
   workingSetBytes: number;
   balloonMinBytes: number;
 }
@@ -198,8 +198,11 @@ export async function runOnce(w: Workload, c: BenchConfig, rep: number, o: Matri
       await lab.shell.run("sync; echo 1 > /proc/sys/vm/drop_caches; sleep 3");
       extraPrepareMs = Date.now() - t;
     }
+    if (w.writer) await new Promise((r) => setTimeout(r, 6000)); // a baseline for the writer's rate
     const mem = await guestMeminfo(lab.shell);
-    res.workingSetBytes = 1024 * MiB - (mem.MemAvailable ?? 0);
+    // With deflate-on-oom the balloon's pages count as used in MemAvailable: take them out.
+    const balloonActual = Number((await lab.vm()).balloon?.actualBytes ?? BigInt(1024 * MiB));
+    res.workingSetBytes = balloonActual - (mem.MemAvailable ?? 0);
     const offset = w.writer ? await guestClockOffsetMs(lab.shell) : 0;
     const beforeFrom = Date.now() - 5000;
     const migrateFrom = Date.now();

@@ -104,7 +104,7 @@ export function markdownTables(cells: Cell[]): string {
       );
     }
     const ws = rows[0]?.workingSet;
-    if (ws && ws.n > 0) out.push("", `Working set at migration time (RAM − MemAvailable): ${fmt(ws, MiB, 0)} MiB.`);
+    if (ws && ws.n > 0) out.push("", `Working set at migration time (balloon actual − MemAvailable): ${fmt(ws, MiB, 0)} MiB.`);
     const steady = rows.find((c) => c.config === "ballast-steady");
     if (steady && steady.preworkMs.n > 0) out.push(`Steady-state self-balloon settled ${fmt(steady.preworkMs, 1000, 1)} s before the request (not part of its total).`);
     out.push("");

@@ -88,13 +88,19 @@ export async function hotWriterProgress(shell: GuestShell, progressFile = "/tmp/
   return points;
 }
 
-/** Guest wall clock minus host wall clock, in ms (to map host instants onto guest timestamps). */
+/**
+ * Guest wall clock minus host wall clock, in ms (to map host instants onto
+ * guest timestamps). busybox `date` has no %N, but `adjtimex` prints the
+ * kernel's time with microseconds.
+ */
 export async function guestClockOffsetMs(shell: GuestShell): Promise<number> {
   const before = Date.now();
-  const out = await must(shell, "date +%s%N");
+  const out = await must(shell, "adjtimex");
   const after = Date.now();
-  const guestMs = Number(out.trim().slice(0, -6));
-  return guestMs - (before + after) / 2;
+  const sec = /time\.tv_sec:\s+(\d+)/.exec(out)?.[1];
+  const usec = /time\.tv_usec:\s+(\d+)/.exec(out)?.[1];
+  if (sec === undefined || usec === undefined) throw new FailedPreconditionError(`cannot read the guest clock from adjtimex: ${out.slice(0, 200)}`);
+  return Number(sec) * 1000 + Number(usec) / 1000 - (before + after) / 2;
 }
 
 /** Write rate (MiB/s) of the hot writer between two wall-clock instants (ms), from its progress log. */
