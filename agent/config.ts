@@ -33,7 +33,7 @@ export interface AgentConfig {
   reportIntervalMs: number;
   /** Reclaim page cache before PREPARE inflation. Default true. */
   dropCaches: boolean;
-  /** Zero free memory after the PREPARE inflation, so it migrates as zero pages. Default true. */
+  /** Zero free memory after the PREPARE inflation, so it migrates as zero pages. Default false (see RuntimeOptions.zeroFree). */
   zeroFree: boolean;
   /** pino level. Default "info". */
   logLevel: string;
@@ -195,7 +195,7 @@ Flags:
   --sample-interval-ms N    sample interval until the coordinator's Policy sets one (default 1000)
   --reserve SIZE            free headroom above watermark and hot file set (default 128MiB)
   --no-drop-caches          do not reclaim page cache before PREPARE
-  --no-zero-free            do not zero free memory after the PREPARE inflation
+  --zero-free               zero free memory after the PREPARE inflation (default off)
   --log-level LEVEL         fatal|error|warn|info|debug|trace|silent (default info)
 sample only:
   --ram SIZE                RAM size as QEMU sees it (default: estimated from MemTotal)
@@ -211,7 +211,7 @@ const FLAGS = {
   "sample-interval-ms": { type: "string" },
   reserve: { type: "string" },
   "no-drop-caches": { type: "boolean" },
-  "no-zero-free": { type: "boolean" },
+  "zero-free": { type: "boolean" },
   "log-level": { type: "string" },
   ram: { type: "string" },
   floor: { type: "string" },
@@ -277,7 +277,7 @@ export function parseCommand(argv: readonly string[], fileExists: (path: string)
   }
   if (values.reserve !== undefined) config.policy = { ...config.policy, reserveBytes: size("reserve", values.reserve) };
   if (values["no-drop-caches"]) config.dropCaches = false;
-  if (values["no-zero-free"]) config.zeroFree = false;
+  if (values["zero-free"]) config.zeroFree = true;
   if (values["log-level"] !== undefined) {
     if (!LOG_LEVELS.includes(values["log-level"])) throw new UsageError(`--log-level: expected one of ${LOG_LEVELS.join(", ")}`);
     config.logLevel = values["log-level"];

@@ -155,7 +155,7 @@ describe("usage errors exit 2 with a clear message", () => {
 describe("config", () => {
   it("defaults", () => {
     const c = parseCommand(["run"], noFile);
-    expect(c).toMatchObject({ kind: "run", config: { coordinator: "10.0.2.100:50051", procRoot: "/proc", sysRoot: "/sys", sampleIntervalMs: 1000, reportIntervalMs: 5000, dropCaches: true, zeroFree: true, logLevel: "info" } });
+    expect(c).toMatchObject({ kind: "run", config: { coordinator: "10.0.2.100:50051", procRoot: "/proc", sysRoot: "/sys", sampleIntervalMs: 1000, reportIntervalMs: 5000, dropCaches: true, zeroFree: false, logLevel: "info" } });
     if (c.kind !== "run") throw new Error("unreachable");
     expect(c.config.policy.reserveBytes).toBe(128 * MiB);
     expect(c.config.vmId.length).toBeGreaterThan(0);
@@ -163,11 +163,11 @@ describe("config", () => {
 
   it("flags override the file, which overrides the defaults", () => {
     const file = tmpFile("agent.json", JSON.stringify({ coordinator: "10.0.2.100:6000", vmId: "from-file", reserve: "192MiB", sampleIntervalMs: 500, reportIntervalMs: 0, tuning: { growStepBytes: "64MiB", psiSomeThresholdPct: 20, zeroMaxBytes: "256MiB" } }));
-    const c = parseCommand(["run", "--config", file, "--vm-id", "from-flag", "--no-drop-caches", "--no-zero-free", "--log-level", "debug", "--proc-root", "/p", "--sys-root", "/s"], noFile);
+    const c = parseCommand(["run", "--config", file, "--vm-id", "from-flag", "--no-drop-caches", "--zero-free", "--log-level", "debug", "--proc-root", "/p", "--sys-root", "/s"], noFile);
     if (c.kind !== "run") throw new Error("unreachable");
     expect(c.config).toMatchObject({ coordinator: "10.0.2.100:6000", vmId: "from-flag", sampleIntervalMs: 500, dropCaches: false, logLevel: "debug", procRoot: "/p", sysRoot: "/s" });
     expect(c.config.policy).toMatchObject({ reserveBytes: 192 * MiB, growStepBytes: 64 * MiB, psiSomeThresholdPct: 20, zeroMaxBytes: 256 * MiB });
-    expect(runtimeOptionsOf(c.config)).toMatchObject({ sampleIntervalMs: 500, dropCaches: false, zeroFree: false, reportEveryMs: 0 });
+    expect(runtimeOptionsOf(c.config)).toMatchObject({ sampleIntervalMs: 500, dropCaches: false, zeroFree: true, reportEveryMs: 0 });
   });
 
   it("reads the default file only when it exists", () => {

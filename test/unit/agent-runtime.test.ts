@@ -60,8 +60,10 @@ function mk(s: Partial<Shape> = {}): Sample {
 }
 
 const NOW = 1_700_000_000_000;
-/** The sequence without zeroing: the ack follows the request at once. */
+/** The sequence without zeroing (the default): the ack follows the request at once. */
 const NO_ZERO = { ...DEFAULT_RUNTIME_OPTIONS, zeroFree: false };
+/** Zeroing on (opt-in). */
+const ZERO = { ...DEFAULT_RUNTIME_OPTIONS, zeroFree: true };
 const POLICY = { floorBytes: 300 * MiB, maxBytes: 1024 * MiB, sampleIntervalMs: 2000, steadyState: false };
 
 function attached(steadyState = false): RuntimeState {
@@ -76,8 +78,8 @@ const acks = (effects: Effect[]) => effects.flatMap((e) => (e.kind === "ack" ? [
 const ev = (phase: Phase, extra: { deadlineUnixMs?: number; migrationId?: string } = {}) => ({ migrationId: extra.migrationId ?? "m1", phase, pass: 0, ...extra });
 
 describe("PREPARE", () => {
-  it("without zeroing: reclaims cache, then asks for the PREPARE target, then acks it", () => {
-    const step = onPhaseEvent(attached(), ev(Phase.PREPARE, { deadlineUnixMs: NOW + 15_000 }), mk(), NOW, NO_ZERO);
+  it("by default (no zeroing): reclaims cache, then asks for the PREPARE target, then acks it", () => {
+    const step = onPhaseEvent(attached(), ev(Phase.PREPARE, { deadlineUnixMs: NOW + 15_000 }), mk(), NOW);
     expect(kinds(step.effects)).toEqual(["reclaim", "balloon", "ack"]);
     expect(step.effects.find((e) => e.kind === "reclaim")).toMatchObject({ bytes: 382 * MiB, budgetMs: 3000 });
     expect(balloons(step.effects)).toEqual([{ target: 465, reason: "prepare", migrationId: "m1" }]);
@@ -140,7 +142,7 @@ describe("PREPARE with zeroing: request -> wait for the balloon -> zero free mem
   const inflated = mk({ t: 5000, free: 230, avail: 300, inactiveFile: 100 });
   const balloonAt = (s: RuntimeState, actualMiB: number) => onBalloonState(s, { targetBytes: 465 * MiB, actualBytes: actualMiB * MiB, ramBytes: 1024 * MiB });
   const zeros = (effects: Effect[]) => effects.flatMap((e) => (e.kind === "zero" ? [{ mib: e.bytes / MiB, chunk: e.chunkBytes / MiB, budgetMs: e.budgetMs }] : []));
-  const prepared = () => onPhaseEvent(attached(), ev(Phase.PREPARE, { deadlineUnixMs: DEADLINE }), mk(), NOW);
+  const prepared = () => onPhaseEvent(attached(), ev(Phase.PREPARE, { deadlineUnixMs: DEADLINE }), mk(), NOW, ZERO);
 
   it("PREPARE: reclaim and request, but no ack yet", () => {
     const step = prepared();
@@ -214,7 +216,7 @@ describe("PREPARE with zeroing: request -> wait for the balloon -> zero free mem
   it("pressure at PREPARE: grow and ack at once, no wait", () => {
     let s = onBalloonState(attached(), { targetBytes: 500 * MiB, actualBytes: 500 * MiB, ramBytes: 1024 * MiB });
     s = onTick(s, mk({ t: 0 })).state;
-    const step = onPhaseEvent(s, ev(Phase.PREPARE), mk({ t: 1000, psiSome: 30 }), NOW);
+    const step = onPhaseEvent(s, ev(Phase.PREPARE), mk({ t: 1000, psiSome: 30 }), NOW, ZERO);
     expect(kinds(step.effects)).toEqual(["balloon", "ack"]);
     expect(step.state.prepareWait).toBeUndefined();
   });
@@ -230,23 +232,23 @@ describe("PREPARE with zeroing: request -> wait for the balloon -> zero free mem
   });
 
   it.each([Phase.PRECOPY_PASS, Phase.SWITCHOVER, Phase.POSTCOPY_ACTIVE, Phase.COMPLETED, Phase.CANCELLED])("phase %i while waiting: the wait is dropped, no PREPARE ack", (phase) => {
-    const step = onPhaseEvent(prepared().state, ev(phase), mk(), NOW + 1000);
+    const step = onPhaseEvent(prepared().state, ev(phase), mk(), NOW + 1000, ZERO);
     expect(step.state.prepareWait).toBeUndefined();
     expect(acks(step.effects).filter((a) => a.phase === Phase.PREPARE)).toEqual([]);
   });
 
   it("a repeated PREPARE while waiting keeps waiting; after the ack it is answered at once", () => {
-    const again = onWelcome(prepared().state, ev(Phase.PREPARE), mk(), NOW + 1000);
+    const again = onWelcome(prepared().state, ev(Phase.PREPARE), mk(), NOW + 1000, ZERO);
     expect(kinds(again.effects)).toEqual(["balloon"]);
     expect(again.state.prepareWait).toBeDefined();
-    const done = onPrepareCheck(balloonAt(again.state, 465), inflated, NOW + 2000);
-    const third = onWelcome(done.state, ev(Phase.PREPARE), mk(), NOW + 3000);
+    const done = onPrepareCheck(balloonAt(again.state, 465), inflated, NOW + 2000, ZERO);
+    const third = onWelcome(done.state, ev(Phase.PREPARE), mk(), NOW + 3000, ZERO);
     expect(kinds(third.effects)).toEqual(["balloon", "ack"]);
   });
 
   it("an incomplete sample at PREPARE: ack at once", () => {
     const s = onBalloonState(attached(), { targetBytes: 800 * MiB, actualBytes: 800 * MiB, ramBytes: 1024 * MiB });
-    expect(kinds(onPhaseEvent(s, ev(Phase.PREPARE), undefined, NOW).effects)).toEqual(["balloon", "ack"]);
+    expect(kinds(onPhaseEvent(s, ev(Phase.PREPARE), undefined, NOW, ZERO).effects)).toEqual(["balloon", "ack"]);
   });
 });
 
@@ -371,6 +373,14 @@ describe("reporting samples: decide every interval, report every 5 s or when som
     ["post-copy (200 ms interval)", last, { t: 10_200 }, { phase: "postcopy", intervalMs: 200 }, "postcopy"],
   ])("%s", (_, prev, shape, ctx, want) => {
     expect(reportDue(prev, mk(shape), { ...quiet, ...ctx })).toBe(want);
+  });
+
+  it("on a big machine a MemAvailable move must be 2 % of MemTotal to count", () => {
+    const big = mk({ t: 11_000, avail: 660 });
+    big.meminfo.memTotal = 24 * 1024 * MiB;
+    expect(reportDue(last, big, quiet)).toBeUndefined();
+    big.meminfo.memAvailable = (700 - 500) * MiB;
+    expect(reportDue(last, big, quiet)).toBe("MemAvailable moved");
   });
 
   it("reportEveryMs 0 reports every sample", () => {

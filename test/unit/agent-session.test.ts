@@ -127,7 +127,7 @@ function startAgent(port: number, zeroer?: FreeMemoryZeroer, reportEveryMs = 0):
     collector: new Collector({ procRoot: root, sysRoot: sys }),
     reclaimer: new PageCacheReclaimer({ procRoot: root, sysRoot: sys, sync: async () => undefined }),
     zeroer: zeroer ?? null,
-    runtime: { ...DEFAULT_RUNTIME_OPTIONS, sampleIntervalMs: 100, fastSampleIntervalMs: 50, reportEveryMs },
+    runtime: { ...DEFAULT_RUNTIME_OPTIONS, sampleIntervalMs: 100, fastSampleIntervalMs: 50, reportEveryMs, zeroFree: zeroer !== undefined },
     backoff: { initialMs: 50, maxMs: 400, factor: 2 },
   });
   a.start();
