@@ -127,9 +127,10 @@ export interface RuntimeOptions {
    * zeroer). Default false: on the rig's cache-heavy guest a dump of guest
    * RAM after the inflation showed the free memory already zero (the
    * balloon takes the recently freed pages, which hold the old data, and
-   * leaves never-touched ones), so zeroing saved nothing and cost ~1 s of
-   * PREPARE (helper start 0.25–0.37 s, 128 MiB filled in ~0.5 s). It pays
-   * off only when free memory after the inflation still holds old data.
+   * leaves never-touched ones), so zeroing saved nothing measurable and made
+   * PREPARE 1.4 s longer (helper start 0.25–0.37 s, 128 MiB filled in
+   * ~0.5 s, plus waiting for BalloonState). It pays off only when free
+   * memory after the inflation still holds old data.
    */
   zeroFree: boolean;
   /** Longest the zeroing may take. Default 2000 ms. */
