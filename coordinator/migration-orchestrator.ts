@@ -291,29 +291,36 @@ export class MigrationOrchestrator {
   }
 
   /**
-   * Resolves true on the agent's PhaseAck(PREPARE) for this migration; false
-   * at the deadline, on disconnect, on abort, or on `cancel()`.
+   * Waits for one agent event of this VM: resolves true when `event` fires
+   * with an argument `match` accepts; false at the deadline, when the agent
+   * disconnects, on abort, or on `cancel()`.
    */
-  private waitForPrepareAck(r: MigrationRecord, deadline: number, signal: AbortSignal): { done: Promise<boolean>; cancel: () => void } {
+  private waitForAgent<T>(
+    vmName: string,
+    event: "ack" | "balloon-request",
+    match: (e: T) => boolean,
+    deadline: number,
+    signal: AbortSignal,
+  ): { done: Promise<boolean>; cancel: () => void } {
     const hub = this.options.hub;
     let cancel: () => void = () => {};
     const done = new Promise<boolean>((resolve) => {
       const finish = (v: boolean) => {
         clearTimeout(timer);
-        hub.off("ack", onAck);
+        hub.off(event, onEvent);
         hub.off("disconnected", onGone);
         signal.removeEventListener("abort", onAbort);
         resolve(v);
       };
-      const onAck = (e: { vmName: string; ack: PhaseAck }) => {
-        if (e.vmName === r.vm && e.ack.migrationId === r.id && e.ack.phase === Phase.PREPARE) finish(true);
+      const onEvent = (e: T) => {
+        if (match(e)) finish(true);
       };
-      const onGone = (vmName: string) => {
-        if (vmName === r.vm) finish(false);
+      const onGone = (name: string) => {
+        if (name === vmName) finish(false);
       };
       const onAbort = () => finish(false);
       const timer = setTimeout(() => finish(false), Math.max(0, deadline - Date.now()));
-      hub.on("ack", onAck);
+      hub.on(event, onEvent);
       hub.on("disconnected", onGone);
       signal.addEventListener("abort", onAbort, { once: true });
       cancel = () => finish(false);
@@ -321,28 +328,26 @@ export class MigrationOrchestrator {
     return { done, cancel };
   }
 
+  /** The agent's PhaseAck(PREPARE) for this migration. */
+  private waitForPrepareAck(r: MigrationRecord, deadline: number, signal: AbortSignal): { done: Promise<boolean>; cancel: () => void } {
+    return this.waitForAgent<{ vmName: string; ack: PhaseAck }>(
+      r.vm,
+      "ack",
+      (e) => e.vmName === r.vm && e.ack.migrationId === r.id && e.ack.phase === Phase.PREPARE,
+      deadline,
+      signal,
+    );
+  }
+
+  /** An accepted PREPARE balloon request from the agent. */
   private waitForPrepareRequest(r: MigrationRecord, deadline: number, signal: AbortSignal): Promise<boolean> {
-    const hub = this.options.hub;
-    return new Promise((resolve) => {
-      const done = (v: boolean) => {
-        clearTimeout(timer);
-        hub.off("balloon-request", onReq);
-        hub.off("disconnected", onGone);
-        signal.removeEventListener("abort", onAbort);
-        resolve(v);
-      };
-      const onReq = (e: { vmName: string; reason: BalloonReason; accepted: boolean }) => {
-        if (e.vmName === r.vm && e.reason === BalloonReason.PREPARE && e.accepted) done(true);
-      };
-      const onGone = (vmName: string) => {
-        if (vmName === r.vm) done(false);
-      };
-      const onAbort = () => done(false);
-      const timer = setTimeout(() => done(false), Math.max(0, deadline - Date.now()));
-      hub.on("balloon-request", onReq);
-      hub.on("disconnected", onGone);
-      signal.addEventListener("abort", onAbort, { once: true });
-    });
+    return this.waitForAgent<{ vmName: string; reason: BalloonReason; accepted: boolean }>(
+      r.vm,
+      "balloon-request",
+      (e) => e.vmName === r.vm && e.reason === BalloonReason.PREPARE && e.accepted,
+      deadline,
+      signal,
+    ).done;
   }
 
   /** Issues `migrate` and follows it to a final status. */
