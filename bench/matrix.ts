@@ -244,7 +244,12 @@ export async function runOnce(w: Workload, c: BenchConfig, rep: number, o: Matri
     const tails = Object.values(lab.hosts)
       .flatMap((h) => (h.vm ? [`${h.name} qemu: ${tail(h.vm.qemuLog)}`, `${h.name} serial: ${tail(h.vm.serialLog)}`] : []))
       .join(" | ");
-    res.error = `${errorMessage(err)}${tails ? ` [${tails}]` : ""}`;
+    // What the guest itself says, if its shell still answers.
+    const guest = await lab.shell
+      .run("tail -n 15 /tmp/agent.log; cat /tmp/burst.out 2>/dev/null; grep -E '^(MemFree|MemAvailable):' /proc/meminfo", { timeoutMs: 15_000 })
+      .then((r) => r.output.replace(/\s+/g, " ").slice(-1500))
+      .catch(() => "");
+    res.error = `${errorMessage(err)}${tails ? ` [${tails}]` : ""}${guest ? ` [guest: ${guest}]` : ""}`;
   } finally {
     await lab.stop();
   }

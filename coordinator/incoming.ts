@@ -101,5 +101,24 @@ export class IncomingManager {
       log.warn({ err: errorMessage(err) }, "could not read final incoming stats");
     }
     setPhase(status === "completed" ? Phase.COMPLETED : Phase.FAILED);
+    if (status === "completed") await this.deflateAfterArrival(vm, log);
+  }
+
+  /**
+   * The guest arrives with the balloon its source inflated. Its agent is
+   * supposed to restore, but an agent starved of memory right after
+   * switchover cannot (seen in the bench: MemAvailable 4 MiB, agent silent),
+   * so the host gives the memory back itself; an agent with steady-state
+   * ballooning shrinks again from there at its own pace.
+   */
+  private async deflateAfterArrival(vm: VmRuntime, log: Logger): Promise<void> {
+    const ctl = vm.balloon;
+    if (!ctl) return;
+    try {
+      const applied = await ctl.setTarget(ctl.clamp(Number.MAX_SAFE_INTEGER), { force: true, reason: "deflate after an incoming migration" });
+      log.info({ applied }, "balloon deflated after arrival");
+    } catch (err) {
+      log.warn({ err: errorMessage(err) }, "could not deflate after arrival");
+    }
   }
 }
