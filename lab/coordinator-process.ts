@@ -6,6 +6,9 @@ import { spawn, type ChildProcess } from "node:child_process";
 import { writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { createInterface } from "node:readline";
+import type { VmService, Vm } from "../gen/ballast/v1/vm_pb.js";
+import { DeadlineError } from "../shared/errors.js";
+import type { Client } from "../shared/grpc-adapter.js";
 
 const ROOT = resolve(import.meta.dirname, "..");
 
@@ -68,4 +71,23 @@ export function runCtl(args: string[]): Promise<{ code: number; stdout: string; 
     child.stderr.on("data", (b: Buffer) => (stderr += b.toString()));
     child.on("exit", (code) => resolveRun({ code: code ?? -1, stdout, stderr }));
   });
+}
+
+/**
+ * Polls a coordinator's GetVm until `pred` holds; errors while polling (the
+ * coordinator may be between QMP connections) count as "not yet".
+ */
+export async function waitForVm(vms: Client<typeof VmService>, name: string, pred: (vm: Vm) => boolean, what: string, timeoutMs = 30_000): Promise<Vm> {
+  const until = Date.now() + timeoutMs;
+  let last: Vm | undefined;
+  for (;;) {
+    try {
+      last = (await vms.getVm({ name }, { deadlineMs: 5000 })).vm;
+      if (last && pred(last)) return last;
+    } catch {
+      // not reachable yet; keep polling
+    }
+    if (Date.now() > until) throw new DeadlineError(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
 }

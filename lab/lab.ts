@@ -16,11 +16,11 @@ import { MigrationMode, Phase } from "../gen/ballast/v1/common_pb.js";
 import { MigrationService, type MigrateRequestSchema, type Migration } from "../gen/ballast/v1/migration_pb.js";
 import { VmService, type Vm } from "../gen/ballast/v1/vm_pb.js";
 import type { MessageInitShape } from "@bufbuild/protobuf";
-import { DeadlineError, FailedPreconditionError } from "../shared/errors.js";
+import { FailedPreconditionError } from "../shared/errors.js";
 import { createClient, type Client } from "../shared/grpc-adapter.js";
 import { silentLogger, type Logger } from "../shared/logger.js";
 import { freePorts } from "../shared/net.js";
-import { startCoordinatorProcess, type CoordinatorProcess } from "./coordinator-process.js";
+import { startCoordinatorProcess, waitForVm, type CoordinatorProcess } from "./coordinator-process.js";
 import { ensureGuestImage, type GuestImage } from "./guest-image.js";
 import { GuestShell } from "./serial-shell.js";
 import { startVm, vmPaths, type VmHandle } from "./vm.js";
@@ -154,18 +154,7 @@ export class Lab {
 
   /** Polls a host's GetVm until `pred` holds. */
   async waitVm(host: HostName, pred: (vm: Vm) => boolean, what: string, timeoutMs = 30_000): Promise<Vm> {
-    const until = Date.now() + timeoutMs;
-    let last: Vm | undefined;
-    for (;;) {
-      try {
-        last = (await this.hosts[host].vms.getVm({ name: VM_NAME }, { deadlineMs: 5000 })).vm;
-        if (last && pred(last)) return last;
-      } catch {
-        // The coordinator may be between QMP connections; keep polling.
-      }
-      if (Date.now() > until) throw new DeadlineError(`lab: timed out after ${timeoutMs} ms waiting for ${what}`);
-      await new Promise((r) => setTimeout(r, 200));
-    }
+    return waitForVm(this.hosts[host].vms, VM_NAME, pred, `${what} (lab)`, timeoutMs);
   }
 
   /** The VM as the active host's coordinator sees it. */

@@ -9,12 +9,12 @@ import { join } from "node:path";
 import { afterEach, describe, expect, it, onTestFailed } from "vitest";
 import { BalloonReason, BalloonStrategy, MigrationMode, Phase } from "../../gen/ballast/v1/common_pb.js";
 import { MigrationService, type Migration } from "../../gen/ballast/v1/migration_pb.js";
-import { VmService } from "../../gen/ballast/v1/vm_pb.js";
+import { VmService, type Vm } from "../../gen/ballast/v1/vm_pb.js";
 import { createClient } from "../../shared/grpc-adapter.js";
 import { freePort } from "../../shared/net.js";
 import { MiB } from "../../shared/units.js";
 import { startBareQemu, type BareQemu } from "../helpers/bare-qemu.js";
-import { runCtl, startCoordinatorProcess, type CoordinatorProcess } from "../../lab/coordinator-process.js";
+import { runCtl, startCoordinatorProcess, waitForVm, type CoordinatorProcess } from "../../lab/coordinator-process.js";
 import { attachScriptedAgent, type ScriptedAgent } from "../helpers/scripted-agent.js";
 
 interface Rig {
@@ -54,16 +54,10 @@ afterEach(async () => {
   rig = undefined;
 });
 
-async function waitVm(address: string, pred: (vm: { qmpConnected: boolean; agentConnected: boolean; balloon?: { targetBytes: bigint } }) => boolean, what: string) {
+async function waitVm(address: string, pred: (vm: Vm) => boolean, what: string): Promise<Vm> {
   const client = createClient(VmService, address);
   try {
-    const until = Date.now() + 20_000;
-    for (;;) {
-      const { vm } = await client.getVm({ name: "vm1" });
-      if (vm && pred(vm)) return vm;
-      if (Date.now() > until) throw new Error(`timed out waiting for ${what}: ${JSON.stringify(vm, (_k, v) => (typeof v === "bigint" ? String(v) : v))}`);
-      await new Promise((r) => setTimeout(r, 100));
-    }
+    return await waitForVm(client, "vm1", pred, what, 20_000);
   } finally {
     client.close();
   }
@@ -107,7 +101,7 @@ describe("coordinator on real QEMU", () => {
     expectOrdered(seen);
     expect(new Set(agent.phases.map((p) => p.migrationId))).toEqual(new Set([m.id]));
 
-    const dst = await waitVm(r.dstCo.address, (v) => (v as unknown as { runState: string }).runState === "running", "destination running");
+    const dst = await waitVm(r.dstCo.address, (v) => v.runState === "running", "destination running");
     expect(dst.qmpConnected).toBe(true);
   });
 
@@ -175,7 +169,7 @@ describe("coordinator on real QEMU", () => {
     const m = JSON.parse(res.stdout) as Record<string, string>;
     expect(m.phase).toBe("PHASE_CANCELLED");
     const after = await waitVm(r.srcCo.address, (v) => v.balloon?.targetBytes === BigInt(100 * MiB), "balloon restored to 100 MiB");
-    expect((after as unknown as { runState: string }).runState).toBe("running");
+    expect(after.runState).toBe("running");
     await agent.waitFor(Phase.CANCELLED, 5000);
     client.close();
 
