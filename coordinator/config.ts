@@ -1,21 +1,26 @@
 /**
  * The coordinator's config file: which VMs this host manages and where it
- * listens. Parsed strictly: unknown keys are rejected and every error names
- * the file and the key, so a typo never silently becomes a default.
+ * listens. Parsed strictly with zod (shared/config-schema.ts): unknown keys
+ * are rejected and every error names the file and the key path, e.g.
+ * `coordinator.json: vms[0].floor: ...`, so a typo never silently becomes a
+ * default.
  */
-import { readFileSync } from "node:fs";
-import { isAbsolute, resolve, dirname } from "node:path";
-import { ConfigError } from "../shared/errors.js";
+import { readFileSync, statSync } from "node:fs";
+import { dirname, isAbsolute, resolve } from "node:path";
+import { z } from "zod";
 import {
-  asObject,
-  optionalBool,
-  optionalInt,
-  optionalString,
-  rejectUnknownKeys,
-  requireString,
-  sizeField,
-  type Json,
-} from "../shared/strict-config.js";
+  boolSchema,
+  describeValue,
+  hostPortSchema,
+  hostSchema,
+  intInRange,
+  nonEmptyString,
+  parseConfig,
+  renderPath,
+  sizeSchema,
+  strictObject,
+} from "../shared/config-schema.js";
+import { ConfigError, errorMessage } from "../shared/errors.js";
 import { MiB } from "../shared/units.js";
 
 /** One VM managed by this coordinator. */
@@ -50,6 +55,12 @@ export interface MigrationDefaults {
   steadyState: boolean;
   /** Agent sampling interval pushed in Policy. Default 1000 ms. */
   sampleIntervalMs: number;
+  /**
+   * An inflated balloon stays below the VM's max only while its agent keeps
+   * talking; after this long without a message from the agent the
+   * coordinator deflates by itself. Default 10000 ms, range 1000-600000.
+   */
+  agentLeaseMs: number;
 }
 
 /** The whole coordinator config. */
@@ -68,90 +79,153 @@ export interface CoordinatorConfig {
   vms: VmConfig[];
 }
 
-const TOP_KEYS = ["hostId", "listen", "agentListen", "incomingHost", "stateDir", "defaults", "vms"] as const;
-const VM_KEYS = ["name", "qmpSocket", "agentId", "floor", "max", "agentPort"] as const;
-const DEFAULT_KEYS = ["maxBandwidthBytesPerSec", "downtimeLimitMs", "prepareDeadlineMs", "steadyState", "sampleIntervalMs"] as const;
-
 /** Default floor when a VM entry gives none: enough for a small Linux guest. */
 export const DEFAULT_FLOOR_BYTES = 256 * MiB;
 
-const HOST_PORT = /^[A-Za-z0-9.\-_]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$/;
+/** QEMU refuses a balloon target of 0, and no guest survives near it. */
+const MIN_FLOOR_BYTES = 16 * MiB;
 
-function hostPort(obj: Json, key: string, where: string, fallback: string): string {
-  const v = optionalString(obj, key, where, fallback);
-  if (v !== "" && !HOST_PORT.test(v)) throw new ConfigError(`${where}.${key}: expected host:port, got ${JSON.stringify(v)}`);
-  return v;
+const VM_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
+
+const defaultsSchema = strictObject({
+  maxBandwidthBytesPerSec: intInRange(1_000, 1e12).default(125_000_000),
+  downtimeLimitMs: intInRange(1, 60_000).default(300),
+  prepareDeadlineMs: intInRange(0, 600_000).default(15_000),
+  steadyState: boolSchema.default(true),
+  sampleIntervalMs: intInRange(100, 60_000).default(1000),
+  agentLeaseMs: intInRange(1_000, 600_000).default(10_000),
+});
+
+/** Relative paths resolve against the config file's folder. */
+function resolveIn(baseDir: string) {
+  return (p: string) => (p === "" || isAbsolute(p) ? p : resolve(baseDir, p));
+}
+
+function vmSchema(baseDir: string) {
+  return strictObject({
+    name: nonEmptyString.regex(VM_NAME, { error: (issue) => `${JSON.stringify(issue.input)} must be 1-63 of [A-Za-z0-9._-], starting with a letter or digit` }),
+    qmpSocket: nonEmptyString.transform(resolveIn(baseDir)),
+    agentId: nonEmptyString.optional(),
+    floor: sizeSchema
+      .refine((bytes) => bytes >= MIN_FLOOR_BYTES, { error: (issue) => `${String(issue.input)} bytes is below the 16 MiB minimum` })
+      .default(DEFAULT_FLOOR_BYTES),
+    max: sizeSchema.default(0),
+    agentPort: intInRange(0, 65535).default(0),
+  })
+    // A transform, not a refinement: zod runs it only once every field is valid.
+    .transform((vm, ctx): VmConfig => {
+      if (vm.max !== 0 && vm.max < vm.floor) {
+        ctx.issues.push({ code: "custom", path: ["max"], message: `${vm.max} bytes is below floor (${vm.floor} bytes); 0 means the VM's RAM size`, input: vm.max });
+      }
+      return { name: vm.name, qmpSocket: vm.qmpSocket, agentId: vm.agentId ?? vm.name, floorBytes: vm.floor, maxBytes: vm.max, agentPort: vm.agentPort };
+    });
+}
+
+/** Rejects a second VM with the same value of `key`; the message names the first one. */
+function unique(vms: readonly VmConfig[], ctx: z.core.$RefinementCtx, key: keyof VmConfig, configKey: string, what: (v: string) => string, skip?: (v: unknown) => boolean) {
+  const first = new Map<unknown, number>();
+  vms.forEach((vm, i) => {
+    const v = vm[key];
+    if (skip?.(v)) return;
+    const j = first.get(v);
+    if (j === undefined) first.set(v, i);
+    else ctx.issues.push({ code: "custom", path: [i, configKey], message: `${what(String(v))} (also ${renderPath(["vms", j, configKey])})`, input: v });
+  });
+}
+
+function vmsSchema(baseDir: string) {
+  return z
+    .array(vmSchema(baseDir), { error: (issue) => `expected an array of VM entries, got ${describeValue(issue.input)}` })
+    .transform((vms, ctx) => {
+      // Runs only when every entry is valid, so the values compared here are the parsed ones.
+      unique(vms, ctx, "name", "name", (v) => `duplicate VM name ${JSON.stringify(v)}`);
+      unique(vms, ctx, "agentId", "agentId", (v) => `duplicate agent id ${JSON.stringify(v)}`);
+      unique(vms, ctx, "agentPort", "agentPort", (v) => `port ${v} is used by another VM`, (v) => v === 0);
+      // QEMU serves one QMP client per socket: two entries on one socket would fight over it.
+      unique(vms, ctx, "qmpSocket", "qmpSocket", (v) => `QMP socket ${v} is used by another VM`);
+      return vms;
+    });
+}
+
+/** The whole file's schema; `baseDir` resolves relative paths. */
+export function coordinatorConfigSchema(baseDir: string) {
+  const path = resolveIn(baseDir);
+  return strictObject({
+    hostId: nonEmptyString.default("ballast-host"),
+    listen: hostPortSchema({ allowPortZero: true }).default("127.0.0.1:50050"),
+    agentListen: hostPortSchema({ allowPortZero: true, allowEmpty: true }).default(""),
+    // IPv6 is refused: the QEMU URI is built as tcp:HOST:PORT without brackets (coordinator/qmp-driver.ts prepareIncoming).
+    incomingHost: hostSchema({ allowIPv6: false }).default("127.0.0.1"),
+    stateDir: z.string({ error: (issue) => `expected a directory path, got ${describeValue(issue.input)}` }).default("").transform(path),
+    defaults: defaultsSchema.prefault({}),
+    vms: vmsSchema(baseDir),
+  }).transform(
+    (c): CoordinatorConfig => ({
+      hostId: c.hostId,
+      listen: c.listen,
+      agentListen: c.agentListen,
+      incomingHost: c.incomingHost,
+      stateDir: c.stateDir,
+      defaults: c.defaults,
+      vms: c.vms,
+    }),
+  );
 }
 
 /**
- * Validates a parsed JSON value as a coordinator config. `baseDir` resolves
- * relative socket paths (the config file's folder).
+ * Validates a parsed JSON value as a coordinator config. `where` names the
+ * file in messages; `baseDir` resolves relative paths (the config file's
+ * folder). Every problem is reported, one line each.
  */
 export function parseCoordinatorConfig(value: unknown, where = "config", baseDir = process.cwd()): CoordinatorConfig {
-  const top = asObject(value, where);
-  rejectUnknownKeys(top, TOP_KEYS, where);
-  const d = top.defaults === undefined ? {} : asObject(top.defaults, `${where}.defaults`);
-  rejectUnknownKeys(d, DEFAULT_KEYS, `${where}.defaults`);
-  const defaults: MigrationDefaults = {
-    maxBandwidthBytesPerSec: optionalInt(d, "maxBandwidthBytesPerSec", `${where}.defaults`, 125_000_000, 1_000, 1e12),
-    downtimeLimitMs: optionalInt(d, "downtimeLimitMs", `${where}.defaults`, 300, 1, 60_000),
-    prepareDeadlineMs: optionalInt(d, "prepareDeadlineMs", `${where}.defaults`, 15_000, 0, 600_000),
-    steadyState: optionalBool(d, "steadyState", `${where}.defaults`, true),
-    sampleIntervalMs: optionalInt(d, "sampleIntervalMs", `${where}.defaults`, 1000, 100, 60_000),
-  };
-  if (!Array.isArray(top.vms)) throw new ConfigError(`${where}.vms: expected an array of VM entries`);
-  const names = new Set<string>();
-  const agentIds = new Set<string>();
-  const ports = new Set<number>();
-  const vms = top.vms.map((raw, i): VmConfig => {
-    const w = `${where}.vms[${i}]`;
-    const o = asObject(raw, w);
-    rejectUnknownKeys(o, VM_KEYS, w);
-    const name = requireString(o, "name", w);
-    if (!/^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/.test(name)) throw new ConfigError(`${w}.name: ${JSON.stringify(name)} must be 1-63 of [A-Za-z0-9._-]`);
-    if (names.has(name)) throw new ConfigError(`${w}.name: duplicate VM name ${JSON.stringify(name)}`);
-    names.add(name);
-    const qmp = requireString(o, "qmpSocket", w);
-    const agentId = optionalString(o, "agentId", w, name);
-    if (agentIds.has(agentId)) throw new ConfigError(`${w}.agentId: duplicate agent id ${JSON.stringify(agentId)}`);
-    agentIds.add(agentId);
-    const floorBytes = sizeField(o, "floor", w, DEFAULT_FLOOR_BYTES);
-    // QEMU refuses a balloon target of 0, and no guest survives near it.
-    if (floorBytes < 16 * MiB) throw new ConfigError(`${w}.floor: ${floorBytes} bytes is below the 16 MiB minimum`);
-    const maxBytes = sizeField(o, "max", w, 0);
-    if (maxBytes !== 0 && maxBytes < floorBytes) throw new ConfigError(`${w}: max (${maxBytes}) is below floor (${floorBytes})`);
-    const agentPort = optionalInt(o, "agentPort", w, 0, 0, 65535);
-    if (agentPort !== 0) {
-      if (ports.has(agentPort)) throw new ConfigError(`${w}.agentPort: port ${agentPort} is used by another VM`);
-      ports.add(agentPort);
-    }
-    return { name, qmpSocket: isAbsolute(qmp) ? qmp : resolve(baseDir, qmp), agentId, floorBytes, maxBytes, agentPort };
-  });
-  const stateDir = optionalString(top, "stateDir", where, "");
-  return {
-    hostId: optionalString(top, "hostId", where, "ballast-host"),
-    listen: hostPort(top, "listen", where, "127.0.0.1:50050"),
-    agentListen: hostPort(top, "agentListen", where, ""),
-    incomingHost: optionalString(top, "incomingHost", where, "127.0.0.1"),
-    stateDir: stateDir === "" || isAbsolute(stateDir) ? stateDir : resolve(baseDir, stateDir),
-    defaults,
-    vms,
-  };
+  return parseConfig(coordinatorConfigSchema(baseDir), value, where);
 }
 
-/** Reads and validates a config file; errors name the file. */
+/**
+ * Checks the config's paths against the file system: a `stateDir` that
+ * exists must be a directory; one that does not exist yet (it is created on
+ * start) needs an existing parent directory, which catches typos.
+ */
+export function checkConfigPaths(config: CoordinatorConfig, where: string): void {
+  const dir = config.stateDir;
+  if (dir === "") return;
+  const fail = (message: string, cause?: unknown): never => {
+    throw new ConfigError(`${where}: stateDir: ${message}`, { cause });
+  };
+  const kind = (p: string): "dir" | "other" | "missing" => {
+    try {
+      return statSync(p).isDirectory() ? "dir" : "other";
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      // ENOTDIR: some folder on the way is a file, so this path does not exist either.
+      if (code === "ENOENT" || code === "ENOTDIR") return "missing";
+      return fail(`cannot check ${dir}: ${errorMessage(err)}`, err);
+    }
+  };
+  const self = kind(dir);
+  if (self === "dir") return;
+  if (self === "other") fail(`${dir} exists but is not a directory`);
+  const parent = dirname(dir);
+  const up = kind(parent);
+  if (up === "missing") fail(`${dir} does not exist, and neither does its parent ${parent} (it is created on start, but only inside an existing directory)`);
+  if (up === "other") fail(`${dir} cannot be created: its parent ${parent} is not a directory`);
+}
+
+/** Reads and validates a config file, then checks its paths; errors name the file. */
 export function loadCoordinatorConfig(path: string): CoordinatorConfig {
   let text: string;
   try {
     text = readFileSync(path, "utf8");
   } catch (err) {
-    throw new ConfigError(`cannot read config ${path}: ${(err as Error).message}`, { cause: err });
+    throw new ConfigError(`cannot read config ${path}: ${errorMessage(err)}`, { cause: err });
   }
   let json: unknown;
   try {
     json = JSON.parse(text);
   } catch (err) {
-    throw new ConfigError(`${path}: not valid JSON: ${(err as Error).message}`, { cause: err });
+    throw new ConfigError(`${path}: not valid JSON: ${errorMessage(err)}`, { cause: err });
   }
-  return parseCoordinatorConfig(json, path, dirname(resolve(path)));
+  const config = parseCoordinatorConfig(json, path, dirname(resolve(path)));
+  checkConfigPaths(config, path);
+  return config;
 }

@@ -1,9 +1,11 @@
 /**
  * Strict parsing of JSON config objects, in the spirit of Firecracker's
  * config: unknown keys are rejected, every error names the path and key.
+ * The coordinator's config now uses the zod pieces in config-schema.ts
+ * instead; the agent's config still uses these.
  */
 import { ConfigError } from "./errors.js";
-import { parseSize } from "./units.js";
+import { MAX_SIZE_BYTES, parseSize } from "./units.js";
 
 /** A plain object read from JSON. */
 export type Json = Record<string, unknown>;
@@ -63,7 +65,10 @@ export function sizeField(obj: Json, key: string, where: string, fallback?: numb
     if (fallback === undefined) throw new ConfigError(`${where}.${key}: required size is missing`);
     return fallback;
   }
-  if (typeof v === "number" && Number.isInteger(v) && v >= 0) return v;
+  if (typeof v === "number" && Number.isInteger(v) && v >= 0) {
+    if (v > MAX_SIZE_BYTES) throw new ConfigError(`${where}.${key}: ${v} bytes is above the 1 PiB limit (${MAX_SIZE_BYTES} bytes)`);
+    return v;
+  }
   if (typeof v === "string") {
     try {
       return parseSize(v);
