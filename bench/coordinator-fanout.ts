@@ -430,8 +430,7 @@ export async function runCoordinatorFanout(opts: FanoutOptions = {}): Promise<Fa
     const hub = coordinator.domain.hub;
     const agentAddress = coordinator.agentAddresses.get("*");
     if (!agentAddress) throw new Error("coordinator-fanout: the coordinator has no shared agent listener");
-    let disconnects = 0;
-    hub.on("disconnected", () => disconnects++);
+    const disconnectsBefore = hub.detachedCount;
 
     progress(`letting the QMP retry backoff settle for ${settleSeconds} s`);
     await sleep(settleSeconds * 1000);
@@ -499,11 +498,13 @@ export async function runCoordinatorFanout(opts: FanoutOptions = {}): Promise<Fa
         const start = now();
         for (let i = 0; i < vmNames.length; i++) {
           times[i] = now();
-          pending[i] = hub.sendPhase(vmNames[i] as string, {
+          pending[i] = coordinator.domain.vms.get(vmNames[i] as string)!.sendPhaseToAgent({
             migrationId: FANOUT_MIGRATION_ID,
             phase: Phase.PRECOPY_PASS,
             mode: MigrationMode.PRECOPY,
             pass: k + 1,
+            deadlineUnixMs: 0,
+            error: "",
           });
         }
         loopMs.push(now() - start);
@@ -580,7 +581,7 @@ export async function runCoordinatorFanout(opts: FanoutOptions = {}): Promise<Fa
         },
         eventLoopDelayMs: { p50: round(eventLoopDelayMs.p50, 2), p99: round(eventLoopDelayMs.p99, 2), max: round(eventLoopDelayMs.max, 2) },
         clock: { offsetMs: round(clock.offsetMs, 3), rttMs: round(clock.rttMs, 3) },
-        disconnects,
+        disconnects: hub.detachedCount - disconnectsBefore,
         seconds: round(wallMs / 1000, 2),
         timings: { attachMs: Math.round(attached.ms), totalMs: Math.round(end - started) },
         target: { p99FanoutMs: 50, met: latencySummary.count > 0 && latencySummary.p99 <= 50 && missing === 0 && sendFailed === 0 },

@@ -7,10 +7,10 @@
  * balloon's size: a lower target means a bigger balloon.
  */
 import { EventEmitter } from "node:events";
-import { FailedPreconditionError, InvalidArgumentError, errorMessage } from "../shared/errors.js";
+import { DeadlineError, FailedPreconditionError, InvalidArgumentError, UnavailableError, errorMessage } from "../shared/errors.js";
 import { silentLogger, type Logger } from "../shared/logger.js";
+import { sleep } from "../shared/retry.js";
 import { MiB } from "../shared/units.js";
-import { QmpDisconnectedError, QmpTimeoutError, type QmpEvent } from "./qmp-client.js";
 
 /** Options for {@link BalloonController}. */
 export interface BalloonControllerOptions {
@@ -53,16 +53,13 @@ export interface BalloonState {
 }
 
 /**
- * What the controller needs from {@link Qemu}. A structural subset so tests
- * can pass a small fake; a real `Qemu` satisfies it.
+ * What the controller needs from the hypervisor driver (coordinator/hypervisor.ts).
+ * A structural subset so tests can pass a small fake. The driver's
+ * `balloon-change` events reach the controller through {@link BalloonController.learnActual}.
  */
-export interface BalloonQemu {
-  balloon(valueBytes: number): Promise<void>;
+export interface BalloonDevice {
+  setBalloon(targetBytes: number): Promise<void>;
   queryBalloon(): Promise<number>;
-  readonly qmp: {
-    on(event: "event", listener: (e: QmpEvent) => void): unknown;
-    off(event: "event", listener: (e: QmpEvent) => void): unknown;
-  };
 }
 
 interface Waiter {
@@ -86,7 +83,7 @@ export class BalloonController extends EventEmitter {
   readonly floorBytes: number;
   /** Upper clamp bound. */
   readonly maxBytes: number;
-  private readonly qemu: BalloonQemu;
+  private readonly device: BalloonDevice;
   private readonly minIntervalMs: number;
   private readonly pollIntervalMs: number;
   private readonly toleranceBytes: number;
@@ -97,15 +94,9 @@ export class BalloonController extends EventEmitter {
   private lastApplyAt = Number.NEGATIVE_INFINITY;
   private scheduled: Scheduled | undefined;
   private disposed = false;
-  private readonly onQmpEvent = (e: QmpEvent): void => {
-    // BALLOON_CHANGE is throttled by QEMU to about 1/s, so it complements polling rather than replacing it.
-    if (e.event !== "BALLOON_CHANGE" || this.disposed) return;
-    const a = e.data.actual;
-    if (typeof a === "number" && Number.isFinite(a) && a >= 0) this.learnActual(a);
-  };
 
   /** Throws InvalidArgumentError on bad bounds or options. */
-  constructor(qemu: BalloonQemu, options: BalloonControllerOptions) {
+  constructor(device: BalloonDevice, options: BalloonControllerOptions) {
     super();
     const floor = requireBytes(options.floorBytes, "floorBytes");
     const max = requireBytes(options.maxBytes, "maxBytes");
@@ -113,13 +104,12 @@ export class BalloonController extends EventEmitter {
     if (floor > max) throw new InvalidArgumentError(`balloon floorBytes (${floor}) is above maxBytes (${max})`);
     this.floorBytes = Math.floor(floor);
     this.maxBytes = Math.floor(max);
-    this.qemu = qemu;
+    this.device = device;
     this.minIntervalMs = optionalMs(options.minIntervalMs, 1000, "minIntervalMs", true);
     this.pollIntervalMs = optionalMs(options.pollIntervalMs, 250, "pollIntervalMs", false);
     this.stallMs = optionalMs(options.stallMs, 4000, "stallMs", false);
     this.toleranceBytes = options.toleranceBytes === undefined ? 8 * MiB : requireBytes(options.toleranceBytes, "toleranceBytes");
     this.log = (options.logger ?? silentLogger()).child({ component: "balloon" });
-    qemu.qmp.on("event", this.onQmpEvent);
   }
 
   /** Last target successfully applied through this controller. */
@@ -212,7 +202,7 @@ export class BalloonController extends EventEmitter {
       try {
         await this.refresh();
       } catch (err) {
-        if (!(err instanceof QmpDisconnectedError || err instanceof QmpTimeoutError)) throw err;
+        if (!(err instanceof UnavailableError || err instanceof DeadlineError)) throw err;
         this.log.warn({ err: errorMessage(err) }, "query-balloon failed while waiting; will retry");
       }
       signal?.throwIfAborted();
@@ -255,7 +245,7 @@ export class BalloonController extends EventEmitter {
 
   /** Runs query-balloon now and records the answer. */
   async refresh(): Promise<number> {
-    const actual = await this.qemu.queryBalloon();
+    const actual = await this.device.queryBalloon();
     if (!this.disposed) this.learnActual(actual);
     return actual;
   }
@@ -265,14 +255,13 @@ export class BalloonController extends EventEmitter {
     if (this.disposed) return;
     this.disposed = true;
     for (const w of this.takeScheduled()) w.reject(new FailedPreconditionError("balloon controller disposed before the coalesced target was applied"));
-    this.qemu.qmp.off("event", this.onQmpEvent);
   }
 
   private async apply(bytes: number, reason: string | undefined, force: boolean): Promise<void> {
     // Stamped at issue, not completion, so requests arriving while this one is in flight are coalesced.
     this.lastApplyAt = performance.now();
     this.log.info({ targetBytes: bytes, reason, force }, "balloon target");
-    await this.qemu.balloon(bytes);
+    await this.device.setBalloon(bytes);
     this.target = bytes;
     this.emitState();
   }
@@ -299,8 +288,12 @@ export class BalloonController extends EventEmitter {
     return s.waiters;
   }
 
-  private learnActual(actual: number): void {
-    if (actual === this.actual) return;
+  /**
+   * Records an actual size reported by the hypervisor (BALLOON_CHANGE, which
+   * QEMU throttles to about 1/s, so it complements polling).
+   */
+  learnActual(actual: number): void {
+    if (this.disposed || !Number.isSafeInteger(actual) || actual < 0 || actual === this.actual) return;
     this.actual = actual;
     this.emitState();
   }
@@ -324,22 +317,4 @@ function optionalMs(v: number | undefined, fallback: number, name: string, zeroO
     throw new InvalidArgumentError(`balloon ${name} must be a ${zeroOk ? "non-negative" : "positive"} number of ms, got ${String(v)}`);
   }
   return v;
-}
-
-function sleep(ms: number, signal?: AbortSignal): Promise<void> {
-  return new Promise((resolve, reject) => {
-    if (signal?.aborted) {
-      reject(signal.reason);
-      return;
-    }
-    const onAbort = (): void => {
-      clearTimeout(timer);
-      reject(signal?.reason);
-    };
-    const timer = setTimeout(() => {
-      signal?.removeEventListener("abort", onAbort);
-      resolve();
-    }, ms);
-    signal?.addEventListener("abort", onAbort, { once: true });
-  });
 }

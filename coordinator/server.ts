@@ -8,18 +8,17 @@ import { AgentService } from "../gen/ballast/v1/agent_pb.js";
 import { MigrationService } from "../gen/ballast/v1/migration_pb.js";
 import { PeerService } from "../gen/ballast/v1/peer_pb.js";
 import { VmService } from "../gen/ballast/v1/vm_pb.js";
-import { UnavailableError, errorMessage } from "../shared/errors.js";
+import { UnavailableError } from "../shared/errors.js";
 import { addService, createClient, type Client } from "../shared/grpc-adapter.js";
 import type { Logger } from "../shared/logger.js";
 import { AgentHub } from "./agent-hub.js";
 import type { CoordinatorConfig } from "./config.js";
 import { toGrpcStatus } from "./grpc-errors.js";
-import { IncomingManager } from "./incoming.js";
-import { MigrationOrchestrator } from "./migration-orchestrator.js";
 import { MigrationStore } from "./migration-store.js";
+import { QmpDriver } from "./qmp-driver.js";
 import { addReflection } from "./reflection.js";
 import { agentService, migrationService, peerService, vmService, type Domain } from "./services.js";
-import { VmRuntime } from "./vm-runtime.js";
+import { VmSupervisor } from "./vm-supervisor.js";
 
 /** Server options shared by every listener: agents ping every ~2 s to notice a dead link after migration. */
 export const SERVER_OPTIONS: grpc.ServerOptions = {
@@ -49,9 +48,6 @@ function bind(server: grpc.Server, address: string): Promise<number> {
 
 /** Starts a coordinator from a validated config. */
 export async function startCoordinator(config: CoordinatorConfig, logger: Logger): Promise<Coordinator> {
-  const vms = new Map<string, VmRuntime>();
-  for (const vc of config.vms) vms.set(vc.name, new VmRuntime({ config: vc, logger }));
-  const hub = new AgentHub({ hostId: config.hostId, vms, defaults: config.defaults, logger });
   const store = new MigrationStore({ stateDir: config.stateDir, logger });
   const peers = new Map<string, Client<typeof PeerService>>();
   const peer = (address: string) => {
@@ -62,9 +58,13 @@ export async function startCoordinator(config: CoordinatorConfig, logger: Logger
     }
     return c;
   };
-  const orchestrator = new MigrationOrchestrator({ vms, hub, store, peer, logger });
-  const incoming = new IncomingManager({ vms, hub, incomingHost: config.incomingHost, logger });
-  const domain: Domain = { vms, hub, store, orchestrator, incoming, defaults: config.defaults };
+  const vms = new Map<string, VmSupervisor>();
+  for (const vc of config.vms) {
+    const driver = new QmpDriver({ socketPath: vc.qmpSocket, logger });
+    vms.set(vc.name, new VmSupervisor({ config: vc, defaults: config.defaults, driver, store, peer, incomingHost: config.incomingHost, logger }));
+  }
+  const hub = new AgentHub({ hostId: config.hostId, vms, defaults: config.defaults, logger });
+  const domain: Domain = { vms, hub, store, defaults: config.defaults };
 
   const main = new grpc.Server(SERVER_OPTIONS);
   addService(main, MigrationService, migrationService(domain), toGrpcStatus);
@@ -106,7 +106,6 @@ export async function startCoordinator(config: CoordinatorConfig, logger: Logger
     throw err;
   }
   for (const vm of vms.values()) vm.start();
-  restoreInterrupted(domain, logger);
   logger.info({ address, agents: Object.fromEntries(agentAddresses), vms: [...vms.keys()] }, "coordinator serving");
 
   return {
@@ -114,7 +113,6 @@ export async function startCoordinator(config: CoordinatorConfig, logger: Logger
     address,
     agentAddresses,
     async close() {
-      store.flush();
       await Promise.all(
         servers.map(
           (s) =>
@@ -132,27 +130,9 @@ export async function startCoordinator(config: CoordinatorConfig, logger: Logger
       );
       for (const c of peers.values()) c.close();
       await Promise.all([...vms.values()].map((vm) => vm.stop()));
+      store.close();
     },
   };
-}
-
-/**
- * After a crash mid-migration, put the balloon of each affected VM back to
- * where it was before, as soon as its QMP is reachable.
- */
-function restoreInterrupted(domain: Domain, logger: Logger): void {
-  for (const r of domain.store.interrupted()) {
-    const vm = domain.vms.get(r.vm);
-    if (!vm || r.balloonTargetBeforeBytes === 0) continue;
-    vm.once("ready", () => {
-      vm.balloon
-        ?.setTarget(r.balloonTargetBeforeBytes, { force: true, reason: "restore after interrupted migration" })
-        .then(
-          (applied) => logger.info({ vm: r.vm, id: r.id, applied }, "balloon restored after restart"),
-          (err: unknown) => logger.error({ vm: r.vm, id: r.id, err: errorMessage(err) }, "balloon restore after restart failed"),
-        );
-    });
-  }
 }
 
 function splitListen(address: string): { host: string } {

@@ -2,41 +2,55 @@
  * Thin gRPC handlers: validate, call into the domain, map the result.
  * Status codes are chosen only in grpc-errors.ts.
  */
+import { randomUUID } from "node:crypto";
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import type { AgentService, SessionResponseSchema } from "../gen/ballast/v1/agent_pb.js";
 import { MigrationStatsSchema } from "../gen/ballast/v1/common_pb.js";
 import type { MigrationService } from "../gen/ballast/v1/migration_pb.js";
 import type { PeerService } from "../gen/ballast/v1/peer_pb.js";
 import { VmSchema, type Vm, type VmService } from "../gen/ballast/v1/vm_pb.js";
-import { NotFoundError } from "../shared/errors.js";
+import { FailedPreconditionError, NotFoundError } from "../shared/errors.js";
 import type { ServiceImpl } from "../shared/grpc-adapter.js";
 import { toU64 } from "../shared/units.js";
 import type { AgentHub } from "./agent-hub.js";
 import type { MigrationDefaults } from "./config.js";
-import type { IncomingManager } from "./incoming.js";
 import { isFinal, recordToProto, statsToProto, type MigrationRecord } from "./migration-record.js";
-import type { MigrationOrchestrator } from "./migration-orchestrator.js";
 import type { MigrationStore } from "./migration-store.js";
 import { requireId, validateMigrateRequest } from "./validate.js";
-import type { VmRuntime } from "./vm-runtime.js";
+import type { VmSupervisor } from "./vm-supervisor.js";
 
 /** Everything the handlers call into. */
 export interface Domain {
-  vms: ReadonlyMap<string, VmRuntime>;
+  vms: ReadonlyMap<string, VmSupervisor>;
   hub: AgentHub;
   store: MigrationStore;
-  orchestrator: MigrationOrchestrator;
-  incoming: IncomingManager;
   defaults: MigrationDefaults;
+}
+
+function isKnown(store: MigrationStore, id: string): boolean {
+  try {
+    store.get(id);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** The named VM's supervisor, or NotFoundError. */
+export function findVm(domain: Domain, name: string): VmSupervisor {
+  const vm = domain.vms.get(name);
+  if (!vm) throw new NotFoundError(`no VM named ${JSON.stringify(name)} on this host`);
+  return vm;
 }
 
 /** Streams snapshots of a migration until it is final or the caller goes away. Coalesces bursts to at most one per `minGapMs`. */
 async function streamRecord(domain: Domain, id: string, signal: AbortSignal, send: (r: MigrationRecord) => Promise<void>, minGapMs = 200): Promise<void> {
-  const record = domain.store.get(id);
+  let record = domain.store.get(id);
   let dirty = true;
   let wake: () => void = () => {};
   const onUpdate = (r: MigrationRecord) => {
     if (r.id !== id) return;
+    record = r;
     dirty = true;
     wake();
   };
@@ -66,7 +80,7 @@ export function migrationService(domain: Domain): ServiceImpl<typeof MigrationSe
   return {
     async migrate(req, ctx) {
       const params = validateMigrateRequest(req, domain.defaults);
-      const record = domain.orchestrator.start(params);
+      const record = findVm(domain, params.vm).startOutgoing(params, randomUUID());
       await streamRecord(domain, record.id, ctx.signal, (r) => ctx.send({ migration: recordToProto(r) }));
     },
     async watchMigration(req, ctx) {
@@ -82,26 +96,28 @@ export function migrationService(domain: Domain): ServiceImpl<typeof MigrationSe
     },
     async cancelMigration(req) {
       const id = requireId(req.id);
-      await domain.orchestrator.cancel(id);
-      const done = await domain.orchestrator.whenDone(id);
+      const record = domain.store.get(id);
+      const done = await findVm(domain, record.vm).cancel(id);
       return { migration: recordToProto(done) };
     },
   };
 }
 
 /** Builds the wire view of one VM. */
-export function vmToProto(vm: VmRuntime, hub: AgentHub): Vm {
-  const b = vm.balloon;
+export function vmToProto(vm: VmSupervisor): Vm {
+  const v = vm.view();
   return create(VmSchema, {
-    name: vm.config.name,
-    qmpConnected: vm.qmpConnected,
-    runState: vm.runState,
-    balloon: { targetBytes: toU64(b?.targetBytes ?? vm.ramBytes), actualBytes: toU64(b?.actualBytes ?? 0), ramBytes: toU64(vm.ramBytes) },
-    agentConnected: hub.session(vm.config.name) !== undefined,
-    lastSample: vm.lastSample,
-    floorBytes: toU64(b ? b.clamp(0) : vm.config.floorBytes),
-    maxBytes: toU64(b ? b.clamp(Number.MAX_SAFE_INTEGER) : vm.config.maxBytes),
-    migrationId: vm.migration && !isFinal(vm.migration) ? vm.migration.id : "",
+    name: v.name,
+    qmpConnected: v.connected,
+    runState: v.runState,
+    balloon: v.connected
+      ? { targetBytes: toU64(v.balloonTargetBytes ?? v.balloonActualBytes ?? v.ramBytes), actualBytes: toU64(v.balloonActualBytes ?? 0), ramBytes: toU64(v.ramBytes) }
+      : undefined,
+    agentConnected: v.agentConnected,
+    lastSample: v.lastSample,
+    floorBytes: toU64(v.floorBytes),
+    maxBytes: toU64(v.maxBytes),
+    migrationId: v.migrationId,
   });
 }
 
@@ -109,13 +125,10 @@ export function vmToProto(vm: VmRuntime, hub: AgentHub): Vm {
 export function vmService(domain: Domain): ServiceImpl<typeof VmService> {
   return {
     async listVms() {
-      return { vms: [...domain.vms.values()].map((vm) => vmToProto(vm, domain.hub)) };
+      return { vms: [...domain.vms.values()].map((vm) => vmToProto(vm)) };
     },
     async getVm(req) {
-      const name = requireId(req.name, "name");
-      const vm = domain.vms.get(name);
-      if (!vm) throw new NotFoundError(`no VM named ${JSON.stringify(name)} on this host`);
-      return { vm: vmToProto(vm, domain.hub) };
+      return { vm: vmToProto(findVm(domain, requireId(req.name, "name"))) };
     },
   };
 }
@@ -126,23 +139,24 @@ export function peerService(domain: Domain): ServiceImpl<typeof PeerService> {
     async prepareIncoming(req) {
       const vm = requireId(req.vm, "vm");
       const id = requireId(req.migrationId, "migration_id");
-      return { uri: await domain.incoming.prepare(vm, id, req.mode) };
+      if (isKnown(domain.store, id)) throw new FailedPreconditionError(`migration ${id} is already known here`);
+      return { uri: await findVm(domain, vm).prepareIncoming(id, req.mode) };
     },
     async getIncoming(req) {
-      const rec = domain.incoming.get(requireId(req.migrationId, "migration_id"));
-      const vm = domain.vms.get(rec.vm);
-      const b = vm?.balloon;
+      const rec = domain.store.get(requireId(req.migrationId, "migration_id"));
+      if (rec.direction !== "incoming") throw new NotFoundError(`no incoming migration ${JSON.stringify(rec.id)}`);
+      const v = findVm(domain, rec.vm).view();
       return {
         phase: rec.phase,
-        stats: statsToProto(rec.stats) ?? create(MigrationStatsSchema, {}),
-        balloon: { targetBytes: toU64(b?.targetBytes ?? 0), actualBytes: toU64(b?.actualBytes ?? 0), ramBytes: toU64(vm?.ramBytes ?? 0) },
+        stats: statsToProto(rec.destinationStats) ?? create(MigrationStatsSchema, {}),
+        balloon: { targetBytes: toU64(v.balloonTargetBytes ?? 0), actualBytes: toU64(v.balloonActualBytes ?? 0), ramBytes: toU64(v.ramBytes) },
       };
     },
   };
 }
 
 /** AgentService; `bound` pins the session to one VM (its dedicated port). */
-export function agentService(domain: Domain, bound?: VmRuntime): ServiceImpl<typeof AgentService> {
+export function agentService(domain: Domain, bound?: VmSupervisor): ServiceImpl<typeof AgentService> {
   return {
     session: (ctx) => domain.hub.serve(ctx as Parameters<AgentHub["serve"]>[0], bound),
   };
