@@ -91,8 +91,8 @@ export interface MachineState {
   migrateStartedAt: number;
   /** QEMU has reported this migration under way (active, device, post-copy) at least once. */
   seenActive: boolean;
-  /** Since when the hypervisor is unreachable; 0 while connected. */
-  lostSince: number;
+  /** Since when the hypervisor is unreachable; null while connected. */
+  lostSince: number | null;
   lastPollAt: number;
   cancelSentAt: number;
   /** The decided outcome, once known. */
@@ -195,7 +195,7 @@ function base(params: MachineParams, timing: MachineTiming, step: Step): Machine
     prepareRequested: false,
     migrateStartedAt: 0,
     seenActive: false,
-    lostSince: 0,
+    lostSince: null,
     lastPollAt: 0,
     cancelSentAt: 0,
     outcome: undefined,
@@ -245,10 +245,10 @@ export function step(state: MachineState, ev: MachineEvent): Transition {
       }
       return fail(s, fx, ev.error, ev.now);
     case "hypervisor-down":
-      if (s.lostSince === 0) s.lostSince = ev.now;
+      if (s.lostSince === null) s.lostSince = ev.now;
       return { state: s, effects: fx };
     case "hypervisor-up":
-      s.lostSince = 0;
+      s.lostSince = null;
       // Events may have been lost while down: ask QEMU where it is.
       if (s.step === "running" || s.step === "cancelling" || s.step === "migrate" || s.step === "resume") fx.push({ type: "query-status" });
       return { state: s, effects: fx };
@@ -358,9 +358,10 @@ function onStatus(s: MachineState, fx: Effect[], status: string, now: number): T
   s.lastPollAt = now;
   const out = s.params.direction === "outgoing";
   if (FINAL_STATUSES.has(status)) {
-    if (status === "completed") return decide(s, fx, Phase.COMPLETED, "", now);
-    if (status === "cancelled" || s.cancelRequested) return decide(s, fx, Phase.CANCELLED, s.cancelRequested ? "cancelled by request" : "cancelled in QEMU", now);
-    return decide(s, fx, Phase.FAILED, `QEMU reports the migration ${status}`, now);
+    // QEMU ended it itself: nothing to cancel there.
+    if (status === "completed") return decide(s, fx, Phase.COMPLETED, "", now, true);
+    if (status === "cancelled" || s.cancelRequested) return decide(s, fx, Phase.CANCELLED, s.cancelRequested ? "cancelled by request" : "cancelled in QEMU", now, true);
+    return decide(s, fx, Phase.FAILED, `QEMU reports the migration ${status}`, now, true);
   }
   if (status === "none") {
     // QEMU has no migration at all: it never started one (a restart before `migrate`) or was itself restarted.
@@ -409,7 +410,7 @@ function onCancel(s: MachineState, fx: Effect[], now: number): Transition {
     case "running":
       return sendCancel(s, fx, now);
     case "resume":
-      if (s.lostSince > 0 || !s.migrateIssued) {
+      if (s.lostSince !== null || !s.migrateIssued) {
         return decide(s, fx, Phase.CANCELLED, "cancelled by request while the coordinator was recovering", now);
       }
       return sendCancel(s, fx, now);
@@ -421,14 +422,14 @@ function onCancel(s: MachineState, fx: Effect[], now: number): Transition {
 function sendCancel(s: MachineState, fx: Effect[], now: number): Transition {
   s.step = "cancelling";
   s.cancelSentAt = now;
-  if (s.lostSince > 0) return decide(s, fx, Phase.CANCELLED, "cancelled by request while the hypervisor was unreachable", now);
+  if (s.lostSince !== null) return decide(s, fx, Phase.CANCELLED, "cancelled by request while the hypervisor was unreachable", now);
   fx.push({ type: "cancel-qemu" });
   return { state: s, effects: fx };
 }
 
 function onTick(s: MachineState, fx: Effect[], now: number): Transition {
   if (s.outcome) return { state: s, effects: fx };
-  if (s.lostSince > 0 && now - s.lostSince >= s.timing.lossMs && needsHypervisor(s)) {
+  if (s.lostSince !== null && now - s.lostSince >= s.timing.lossMs && needsHypervisor(s)) {
     const what = s.step === "resume" ? "after the coordinator restarted" : "mid-migration";
     const phase = s.cancelRequested ? Phase.CANCELLED : Phase.FAILED;
     return decide(s, fx, phase, `lost the connection to the ${s.params.direction === "outgoing" ? "source" : "destination"} hypervisor ${what} for ${s.timing.lossMs} ms`, now);
@@ -437,10 +438,10 @@ function onTick(s: MachineState, fx: Effect[], now: number): Transition {
     // The balloon never fails a migration: at the deadline it goes ahead.
     return issueMigrate(s, fx, now);
   }
-  if (s.step === "cancelling" && s.lostSince === 0 && now - s.cancelSentAt >= s.timing.cancelWaitMs) {
+  if (s.step === "cancelling" && s.lostSince === null && now - s.cancelSentAt >= s.timing.cancelWaitMs) {
     return decide(s, fx, Phase.CANCELLED, `cancelled by request; QEMU did not confirm within ${s.timing.cancelWaitMs} ms`, now);
   }
-  if ((s.step === "running" || s.step === "cancelling") && s.lostSince === 0 && now - s.lastPollAt >= s.timing.pollMs) {
+  if ((s.step === "running" || s.step === "cancelling") && s.lostSince === null && now - s.lastPollAt >= s.timing.pollMs) {
     s.lastPollAt = now;
     fx.push({ type: "poll" });
   }
@@ -456,18 +457,25 @@ function fail(s: MachineState, fx: Effect[], error: string, now: number): Transi
 }
 
 /** Fixes the outcome, then collects numbers and restores the balloon as the outcome needs. */
-function decide(s: MachineState, fx: Effect[], phase: Phase.COMPLETED | Phase.FAILED | Phase.CANCELLED, error: string, now: number): Transition {
+function decide(
+  s: MachineState,
+  fx: Effect[],
+  phase: Phase.COMPLETED | Phase.FAILED | Phase.CANCELLED,
+  error: string,
+  now: number,
+  qemuEnded = false,
+): Transition {
   if (s.outcome) return { state: s, effects: fx };
   s.outcome = { phase, error };
   if (s.migrateStartedAt > 0) fx.push({ type: "timing", migrateMs: now - s.migrateStartedAt });
-  if (s.lostSince > 0) {
+  if (s.lostSince !== null) {
     // Nothing can be asked of the hypervisor now: end, and leave the cleanup for its return.
     const restore = s.params.direction === "outgoing" && phase !== Phase.COMPLETED ? s.balloonBeforeBytes : 0;
     const cancelQemu = s.params.direction === "outgoing" && s.migrateIssued && phase !== Phase.COMPLETED;
     if (restore > 0 || cancelQemu) fx.push({ type: "cleanup-later", cancelQemu, restoreBalloonBytes: restore });
     return finish(s, fx);
   }
-  if (s.params.direction === "outgoing" && phase !== Phase.COMPLETED && s.migrateIssued && s.step !== "cancelling") {
+  if (s.params.direction === "outgoing" && phase !== Phase.COMPLETED && s.migrateIssued && !qemuEnded && s.step !== "cancelling") {
     // A failure of ours (not QEMU's) may leave QEMU migrating: stop it. Harmless when QEMU already ended.
     fx.push({ type: "cancel-qemu" });
   }
