@@ -14,6 +14,7 @@ import { parseArgs } from "node:util";
 import { errorMessage } from "../shared/errors.js";
 import { parseSize } from "../shared/units.js";
 import { ensureGuestImage } from "../lab/guest-image.js";
+import { ensureHostPackages } from "../lab/preflight.js";
 import { Lab } from "../lab/lab.js";
 import { runAgentCostGuest, runAgentCostHost, type AgentCostResult } from "./agent-cost.js";
 import { runCoordinatorFanout, type FanoutResult } from "./coordinator-fanout.js";
@@ -100,6 +101,7 @@ async function main(): Promise<number> {
   if (prior) log(`matrix results read from ${values.from} (${results.length} runs of ${prior.startedAt})`);
   else if (values["cost-only"] !== true) {
     log(`\n## Migration matrix\n`);
+    await ensureHostPackages({ onProgress: (step) => log(`• ${step}`) });
     const image = await ensureGuestImage({ agentBundle: resolve("dist/ballast-agent.mjs"), onProgress: (step) => log(`• ${step}`) });
     results = await runMatrix({ reps, bandwidthBytesPerSec: bandwidth, workloads, configs, onProgress: log, image });
   }

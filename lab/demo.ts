@@ -2,13 +2,13 @@
  * `npm run demo`: one real guest, two hosts on this machine, the same
  * workload migrated twice (plain QEMU, then Ballast), and a side-by-side table.
  */
-import { execFileSync } from "node:child_process";
 import { BalloonStrategy, Phase } from "../gen/ballast/v1/common_pb.js";
 import type { Migration } from "../gen/ballast/v1/migration_pb.js";
 import { errorMessage } from "../shared/errors.js";
 import { formatMiB } from "../shared/units.js";
 import { renderProgress } from "../coordinator/progress.js";
 import { Lab } from "./lab.js";
+import { ensureHostPackages } from "./preflight.js";
 import { cacheRead, freedAnon, guestMeminfo, startHotWriter } from "./workloads.js";
 
 const BANDWIDTH = 125_000_000n;
@@ -23,17 +23,12 @@ function status(line: string): void {
   if (tty) process.stdout.write(`\r\x1b[2K${line.slice(0, (process.stdout.columns ?? 100) - 1)}`);
 }
 
-/** Fails early, with what is missing, on a machine that cannot run the lab. */
-function preflight(): void {
-  const missing: string[] = [];
-  if (process.getuid?.() !== 0) missing.push("root (the lab installs packages and builds the guest image as root; run as root)");
+/** Fails early, with what is missing, on a machine that cannot run the lab; installs missing host packages as root. */
+async function preflight(): Promise<void> {
   try {
-    execFileSync("apt-get", ["--version"], { stdio: "ignore" });
-  } catch {
-    missing.push("apt-get (the guest kernel comes from Debian's linux-image-amd64 package)");
-  }
-  if (missing.length > 0) {
-    process.stderr.write(`npm run demo needs:\n${missing.map((m) => `  - ${m}`).join("\n")}\n`);
+    await ensureHostPackages({ onProgress: (s) => say(`• ${s}`) });
+  } catch (err) {
+    process.stderr.write(`npm run demo cannot run here: ${errorMessage(err)}\n`);
     process.exit(2);
   }
 }
@@ -69,7 +64,7 @@ async function migrateWithProgress(lab: Lab, label: string, strategy: BalloonStr
 }
 
 async function main(): Promise<void> {
-  preflight();
+  await preflight();
   say("Ballast demo: the same guest migrated twice, plain QEMU then Ballast.");
   let lab: Lab | undefined;
   try {

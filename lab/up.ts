@@ -8,6 +8,7 @@ import { parseArgs } from "node:util";
 import { Phase } from "../gen/ballast/v1/common_pb.js";
 import { errorMessage } from "../shared/errors.js";
 import { Lab, type HostName } from "./lab.js";
+import { ensureHostPackages } from "./preflight.js";
 
 const USAGE = `usage: npm run lab -- [--steady-state] [--free-page-reporting] [--mem-mib N]
 
@@ -29,11 +30,13 @@ async function main(): Promise<void> {
   }
   const memMiB = Number(values["mem-mib"] ?? 1024);
   if (!Number.isInteger(memMiB) || memMiB < 256) throw new Error(`--mem-mib: expected an integer ≥ 256, got ${values["mem-mib"]}`);
+  const onProgress = (s: string) => process.stdout.write(`• ${s}\n`);
+  await ensureHostPackages({ onProgress });
   const lab = await Lab.start({
     memMiB,
     steadyState: values["steady-state"] === true,
     freePageReporting: values["free-page-reporting"] === true,
-    onProgress: (s) => process.stdout.write(`• ${s}\n`),
+    onProgress,
   });
   let stopping = false;
   const stop = async () => {

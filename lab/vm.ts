@@ -1,7 +1,6 @@
 /**
  * Starts one lab QEMU process (TCG, q35) for a guest image from
- * guest-image.ts. The command line follows /work/shared/rig-notes.md; the
- * important invariants are:
+ * guest-image.ts. The important invariants of the command line are:
  *
  * - `-nodefaults` always, and user networking with `restrict=on`: the guest
  *   reaches only 10.0.2.100:50051, which QEMU forwards (one socat per guest

@@ -63,11 +63,6 @@ export async function startHotWriter(shell: GuestShell, o: { mib: number; rateMi
   await must(shell, `rm -f ${progress}; ${W} hot-writer --mib ${o.mib} --rate-mib ${o.rateMiB} --progress ${progress} >/tmp/hot-writer.out 2>&1 &`);
 }
 
-/** Stops background workloads started by this module. */
-export async function stopWorkloads(shell: GuestShell): Promise<void> {
-  await shell.run("for p in $(pidof node); do grep -q workload /proc/$p/cmdline 2>/dev/null && kill $p; done; true");
-}
-
 /** A background burst: waits for `triggerFile`, then allocates and touches N MiB, holds it, prints burst-done to `outFile`. */
 export async function startBurst(shell: GuestShell, o: { mib: number; triggerFile: string; outFile: string; holdMs?: number }): Promise<void> {
   await must(shell, `rm -f ${o.triggerFile} ${o.outFile}; ${W} burst --mib ${o.mib} --after-file ${o.triggerFile} --hold-ms ${o.holdMs ?? 3000} >${o.outFile} 2>&1 &`);
