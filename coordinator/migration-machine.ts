@@ -358,6 +358,12 @@ function onStatus(s: MachineState, fx: Effect[], status: string, now: number): T
   s.lastPollAt = now;
   const out = s.params.direction === "outgoing";
   if (FINAL_STATUSES.has(status)) {
+    // A final status before our `migrate` was accepted belongs to an older migration of this QEMU
+    // (e.g. the incoming one that brought the guest here).
+    if (s.step === "migrate" && !s.seenActive) return { state: s, effects: fx };
+    if (s.step === "resume" && !s.migrateIssued) {
+      return decide(s, fx, Phase.FAILED, "interrupted: the coordinator restarted before the migration started in QEMU", now);
+    }
     // QEMU ended it itself: nothing to cancel there.
     if (status === "completed") return decide(s, fx, Phase.COMPLETED, "", now, true);
     if (status === "cancelled" || s.cancelRequested) return decide(s, fx, Phase.CANCELLED, s.cancelRequested ? "cancelled by request" : "cancelled in QEMU", now, true);

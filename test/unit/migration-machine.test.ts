@@ -182,6 +182,12 @@ describe("outgoing, failures", () => {
     expect(finalOf(effects)?.error).toMatch(/failed/);
   });
 
+  it("a stale final status before `migrate` was accepted is ignored", () => {
+    const s = feed(noPrepare(), [...upToRunning().slice(0, 4), { type: "hypervisor-up", now: 1 }, { type: "status", now: 2, status: "completed" }]);
+    expect(s.state.outcome).toBeUndefined();
+    expect(s.state.step).toBe("migrate");
+  });
+
   it("an error of ours after migrate was issued cancels QEMU's migration", () => {
     const { effects } = feed(noPrepare(), [...upToRunning(), { type: "failed", now: 3, error: "boom" }]);
     expect(types(effects)).toContain("cancel-qemu");
@@ -333,6 +339,12 @@ describe("resume after a coordinator restart", () => {
       { type: "restored", now: 130 },
     ]);
     expect(finalOf(s.effects)?.error).toMatch(/restarted before the migration started/);
+    expect(s.effects).toContainEqual({ type: "restore-balloon", targetBytes: 800 });
+  });
+
+  it("restarted during PREPARE: an old migration's final status in QEMU does not count as ours", () => {
+    const s = feed(resumed(rec({ phase: Phase.PREPARE, migrateIssued: false })), [{ type: "hypervisor-up", now: 1 }, { type: "status", now: 2, status: "completed" }, { type: "stats-done", now: 3 }, { type: "restored", now: 4 }]);
+    expect(finalOf(s.effects)?.phase).toBe(Phase.FAILED);
     expect(s.effects).toContainEqual({ type: "restore-balloon", targetBytes: 800 });
   });
 
