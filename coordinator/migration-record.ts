@@ -20,9 +20,25 @@ export interface MigrateParams {
   postcopyAfterPasses: number;
 }
 
-/** Domain record of one migration; mutated only by its orchestrator. */
+/** Which side of the migration this coordinator is. */
+export type MigrationDirection = "outgoing" | "incoming";
+
+/** Something done after a migration ended (balloon restored, QEMU migration cancelled after a restart). */
+export interface CleanupEntry {
+  atMs: number;
+  action: string;
+  ok: boolean;
+  detail: string;
+}
+
+/**
+ * Domain record of one migration, folded from its events
+ * (migration-events.ts). Records handed out by the store are snapshots:
+ * change a migration by appending an event, not by assigning fields.
+ */
 export interface MigrationRecord extends MigrateParams {
   id: string;
+  direction: MigrationDirection;
   phase: Phase;
   pass: number;
   transferredBytes: number;
@@ -42,6 +58,10 @@ export interface MigrationRecord extends MigrateParams {
   destinationStats?: MigrateStats;
   phases: { phase: Phase; pass: number; atMs: number }[];
   balloonTimeline: { atMs: number; actualBytes: number; targetBytes: number }[];
+  /** QEMU accepted `migrate`: a migration there may need cancelling. */
+  migrateIssued: boolean;
+  /** Work done after the end, in order. */
+  cleanups: CleanupEntry[];
 }
 
 /** Phases in which a migration is over. */
@@ -125,7 +145,7 @@ export function recordToProto(r: MigrationRecord): Migration {
     updatedUnixMs: BigInt(r.updatedMs),
     prepareMs: BigInt(Math.round(r.prepareMs)),
     migrateMs: BigInt(Math.round(r.migrateMs)),
-    error: r.error,
+    error: errorWithCleanups(r),
     balloonTargetBeforeBytes: toU64(r.balloonTargetBeforeBytes),
     sourceStats: statsToProto(r.sourceStats),
     destinationStats: statsToProto(r.destinationStats),
@@ -134,11 +154,21 @@ export function recordToProto(r: MigrationRecord): Migration {
   });
 }
 
+/**
+ * The record's error for the wire: the proto has no cleanup list, so failed
+ * cleanups (e.g. the balloon could not be restored) are appended to it.
+ */
+function errorWithCleanups(r: MigrationRecord): string {
+  const failed = r.cleanups.filter((c) => !c.ok).map((c) => `${c.action} failed${c.detail ? `: ${c.detail}` : ""}`);
+  return [r.error, ...failed].filter((s) => s !== "").join("; ");
+}
+
 /** A fresh record in phase UNSPECIFIED. */
-export function newRecord(id: string, params: MigrateParams, nowMs: number): MigrationRecord {
+export function newRecord(id: string, params: MigrateParams, nowMs: number, direction: MigrationDirection = "outgoing"): MigrationRecord {
   return {
     ...params,
     id,
+    direction,
     phase: Phase.UNSPECIFIED,
     pass: 0,
     transferredBytes: 0,
@@ -156,5 +186,7 @@ export function newRecord(id: string, params: MigrateParams, nowMs: number): Mig
     balloonTargetBeforeBytes: 0,
     phases: [],
     balloonTimeline: [],
+    migrateIssued: false,
+    cleanups: [],
   };
 }

@@ -57,6 +57,16 @@ export class ConfigError extends BallastError {
   }
 }
 
+/** A state file (e.g. the migration log) cannot be used as it is; names the file and what is wrong. */
+export class StateFileError extends BallastError {
+  /** The offending path. */
+  readonly file: string;
+  constructor(file: string, problem: string, options?: { cause?: unknown }) {
+    super("state-file", `${file}: ${problem}`, options);
+    this.file = file;
+  }
+}
+
 /** Renders any thrown value as a one-line message. */
 export function errorMessage(err: unknown): string {
   if (err instanceof Error) return err.message;
