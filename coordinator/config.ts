@@ -27,8 +27,10 @@ import { MiB } from "../shared/units.js";
 export interface VmConfig {
   /** Name used by control planes (MigrateRequest.vm). Unique per host. */
   name: string;
-  /** Path of the QEMU QMP unix socket reserved for the coordinator. */
+  /** Path of the QEMU QMP unix socket reserved for the coordinator; "" for a libvirt domain. */
   qmpSocket: string;
+  /** A libvirt domain instead of a QMP socket (exactly one of the two is set). */
+  libvirt?: LibvirtVmConfig;
   /** The identity the guest agent announces in Hello.vm_id. Default: `name`. */
   agentId: string;
   /** The balloon is never set below this many bytes. */
@@ -41,6 +43,16 @@ export interface VmConfig {
    * itself proves which VM is talking. 0: the agent uses `agentListen`.
    */
   agentPort: number;
+}
+
+/** A VM managed through libvirt (coordinator/libvirt-driver.ts). */
+export interface LibvirtVmConfig {
+  /** libvirt connection URI, e.g. `qemu:///system` or `qemu+unix:///system?socket=/run/libvirt/libvirt-sock`. */
+  uri: string;
+  /** The domain's name. */
+  domain: string;
+  /** This daemon's URI as other hosts must dial it for a migration here (e.g. `qemu+tcp://host-b/system`). Default: `uri`. */
+  peerUri: string;
 }
 
 /** Defaults applied to migrations that do not say otherwise. */
@@ -87,6 +99,19 @@ const MIN_FLOOR_BYTES = 16 * MiB;
 
 const VM_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
 
+/** A libvirt URI: driver[+transport]://[host][/path][?query], no whitespace or shell metacharacters. */
+const LIBVIRT_URI = /^[a-z][a-z0-9]*(\+[a-z0-9]+)?:\/\/[A-Za-z0-9.@:\[\]_-]*\/[A-Za-z0-9._\/-]*(\?[A-Za-z0-9._\/=&%:-]+)?$/;
+
+const libvirtUriSchema = nonEmptyString.regex(LIBVIRT_URI, {
+  error: (issue) => `${JSON.stringify(issue.input)} is not a libvirt URI like "qemu:///system" or "qemu+unix:///system?socket=/run/libvirt/libvirt-sock"`,
+});
+
+const libvirtSchema = strictObject({
+  uri: libvirtUriSchema,
+  domain: nonEmptyString.regex(VM_NAME, { error: (issue) => `${JSON.stringify(issue.input)} must be a domain name of 1-63 [A-Za-z0-9._-], starting with a letter or digit` }),
+  peerUri: libvirtUriSchema.optional(),
+});
+
 const defaultsSchema = strictObject({
   maxBandwidthBytesPerSec: intInRange(1_000, 1e12).default(125_000_000),
   downtimeLimitMs: intInRange(1, 60_000).default(300),
@@ -104,20 +129,28 @@ function resolveIn(baseDir: string) {
 function vmSchema(baseDir: string) {
   return strictObject({
     name: nonEmptyString.regex(VM_NAME, { error: (issue) => `${JSON.stringify(issue.input)} must be 1-63 of [A-Za-z0-9._-], starting with a letter or digit` }),
-    qmpSocket: nonEmptyString.transform(resolveIn(baseDir)),
+    qmpSocket: nonEmptyString.transform(resolveIn(baseDir)).optional(),
     agentId: nonEmptyString.optional(),
     floor: sizeSchema
       .refine((bytes) => bytes >= MIN_FLOOR_BYTES, { error: (issue) => `${String(issue.input)} bytes is below the 16 MiB minimum` })
       .default(DEFAULT_FLOOR_BYTES),
     max: sizeSchema.default(0),
     agentPort: intInRange(0, 65535).default(0),
+    libvirt: libvirtSchema.optional(),
   })
     // A transform, not a refinement: zod runs it only once every field is valid.
     .transform((vm, ctx): VmConfig => {
       if (vm.max !== 0 && vm.max < vm.floor) {
         ctx.issues.push({ code: "custom", path: ["max"], message: `${vm.max} bytes is below floor (${vm.floor} bytes); 0 means the VM's RAM size`, input: vm.max });
       }
-      return { name: vm.name, qmpSocket: vm.qmpSocket, agentId: vm.agentId ?? vm.name, floorBytes: vm.floor, maxBytes: vm.max, agentPort: vm.agentPort };
+      // Exactly one hypervisor connection: a QMP socket or a libvirt domain.
+      if (vm.qmpSocket === undefined && vm.libvirt === undefined) {
+        ctx.issues.push({ code: "custom", path: ["qmpSocket"], message: 'expected a non-empty string, got nothing; or give "libvirt": { "uri": ..., "domain": ... } instead', input: undefined });
+      } else if (vm.qmpSocket !== undefined && vm.libvirt !== undefined) {
+        ctx.issues.push({ code: "custom", path: ["libvirt"], message: "give either qmpSocket or libvirt, not both", input: vm.libvirt });
+      }
+      const libvirt = vm.libvirt ? { libvirt: { uri: vm.libvirt.uri, domain: vm.libvirt.domain, peerUri: vm.libvirt.peerUri ?? vm.libvirt.uri } } : {};
+      return { name: vm.name, qmpSocket: vm.qmpSocket ?? "", ...libvirt, agentId: vm.agentId ?? vm.name, floorBytes: vm.floor, maxBytes: vm.max, agentPort: vm.agentPort };
     });
 }
 
@@ -142,7 +175,16 @@ function vmsSchema(baseDir: string) {
       unique(vms, ctx, "agentId", "agentId", (v) => `duplicate agent id ${JSON.stringify(v)}`);
       unique(vms, ctx, "agentPort", "agentPort", (v) => `port ${v} is used by another VM`, (v) => v === 0);
       // QEMU serves one QMP client per socket: two entries on one socket would fight over it.
-      unique(vms, ctx, "qmpSocket", "qmpSocket", (v) => `QMP socket ${v} is used by another VM`);
+      unique(vms, ctx, "qmpSocket", "qmpSocket", (v) => `QMP socket ${v} is used by another VM`, (v) => v === "");
+      // One libvirt domain is one VM: two entries for it would fight over its balloon.
+      const domains = new Map<string, number>();
+      vms.forEach((vm, i) => {
+        if (!vm.libvirt) return;
+        const key = `${vm.libvirt.domain} on ${vm.libvirt.uri}`;
+        const j = domains.get(key);
+        if (j === undefined) domains.set(key, i);
+        else ctx.issues.push({ code: "custom", path: [i, "libvirt"], message: `libvirt domain ${key} is used by another VM (also ${renderPath(["vms", j, "libvirt"])})`, input: vm.libvirt });
+      });
       return vms;
     });
 }

@@ -61,6 +61,12 @@ export interface HypervisorDriver {
   readonly connected: boolean;
   /** The last facts reported with `up`; undefined while down. */
   readonly facts: VmFacts | undefined;
+  /**
+   * Whether an incoming migration needs this VM already started to receive
+   * (QEMU `-incoming defer`, checked as run state "inmigrate"). False for
+   * libvirt, which creates the incoming domain itself. Absent means true.
+   */
+  readonly incomingNeedsQemu?: boolean;
   /** Sets the one listener. */
   onEvent(listener: (e: DriverEvent) => void): void;
   /** Starts connecting in the background; reconnects after a drop until closed. */

@@ -15,6 +15,7 @@ import { AgentHub } from "./agent-hub.js";
 import type { CoordinatorConfig } from "./config.js";
 import { toGrpcStatus } from "./grpc-errors.js";
 import { MigrationStore } from "./migration-store.js";
+import { LibvirtDriver } from "./libvirt-driver.js";
 import { QmpDriver } from "./qmp-driver.js";
 import { addReflection } from "./reflection.js";
 import { agentService, migrationService, peerService, vmService, type Domain } from "./services.js";
@@ -60,7 +61,9 @@ export async function startCoordinator(config: CoordinatorConfig, logger: Logger
   };
   const vms = new Map<string, VmSupervisor>();
   for (const vc of config.vms) {
-    const driver = new QmpDriver({ socketPath: vc.qmpSocket, logger });
+    const driver = vc.libvirt
+      ? new LibvirtDriver({ uri: vc.libvirt.uri, domain: vc.libvirt.domain, dialUri: vc.libvirt.peerUri, logger })
+      : new QmpDriver({ socketPath: vc.qmpSocket, logger });
     vms.set(vc.name, new VmSupervisor({ config: vc, defaults: config.defaults, driver, store, peer, incomingHost: config.incomingHost, logger }));
   }
   const hub = new AgentHub({ hostId: config.hostId, vms, defaults: config.defaults, logger });

@@ -307,23 +307,28 @@ export function emptyMigrateStats(status: string, errorDesc = ""): MigrateStats 
 
 // ---- states ------------------------------------------------------------------------
 
+/** What this host knows it is doing with the domain: sending it, expecting it, or neither. */
+export type MigrationRole = "outgoing" | "incoming" | "none";
+
 /**
  * The QEMU-style run state for a libvirt domain state, or undefined when
  * the domain does not run (shut off, crashed): the driver reports that as
- * down. `outgoing`: this host runs an outgoing migration of the domain, so
- * a pause for migration is the source's switchover, not an incoming guest.
+ * down. A pause for migration is the source's switchover when this host
+ * sends the domain ("finish-migrate"), and an incoming guest otherwise
+ * ("inmigrate"); a host that expects an incoming domain also sees it
+ * paused "starting up" before the stream begins.
  */
-export function runStateOf(s: DomState, outgoing: boolean): string | undefined {
+export function runStateOf(s: DomState, role: MigrationRole): string | undefined {
   switch (s.state) {
     case "running":
     case "idle":
       return "running";
     case "paused":
-      if (s.reason === "migrating" || s.reason === "incoming migration") return outgoing ? "finish-migrate" : "inmigrate";
+      if (s.reason === "migrating" || s.reason === "incoming migration") return role === "outgoing" ? "finish-migrate" : "inmigrate";
       // The guest runs on the destination now; QEMU's source says postmigrate.
       if (s.reason === "post-copy") return "postmigrate";
       if (s.reason === "post-copy failed") return "postcopy-paused";
-      if (s.reason === "starting up") return "prelaunch";
+      if (s.reason === "starting up") return role === "incoming" ? "inmigrate" : "prelaunch";
       return "paused";
     case "in shutdown":
       return "shutdown";
@@ -339,8 +344,8 @@ export function runStateOf(s: DomState, outgoing: boolean): string | undefined {
 /**
  * The QEMU MigrationStatus for what libvirt shows of a migration in
  * progress. Source (an outgoing job runs): pre-copy is "active", a paused
- * (post-copy) source is "postcopy-active". Destination: a paused (migrating)
- * domain is "active", running (post-copy) is "postcopy-active"; a running
+ * (post-copy) source is "postcopy-active". Destination (a host expecting
+ * the domain): paused (migrating, or starting up before the stream) is "active", running (post-copy) is "postcopy-active"; a running
  * domain otherwise means the incoming migration is over ("completed").
  * Undefined when the state says nothing about a migration.
  */
@@ -351,7 +356,7 @@ export function migrationStatusOf(s: DomState, side: "source" | "destination"): 
     if (s.state === "running" || s.state === "paused") return "active";
     return undefined;
   }
-  if (s.state === "paused" && (s.reason === "migrating" || s.reason === "incoming migration")) return "active";
+  if (s.state === "paused" && (s.reason === "migrating" || s.reason === "incoming migration" || s.reason === "starting up")) return "active";
   if (s.state === "running" && s.reason === "post-copy") return "postcopy-active";
   if (s.state === "running") return "completed";
   return undefined;

@@ -242,10 +242,13 @@ export class VmSupervisor {
     if (this.slot && !machine.isDone(this.slot.state)) {
       throw new FailedPreconditionError(`VM ${this.name} here is already in migration ${this.slot.record.id}`);
     }
-    await this.ready();
-    const state = await this.driver.runState();
-    if (state !== "inmigrate") {
-      throw new FailedPreconditionError(`VM ${this.name} here is ${state}; the destination QEMU must be started with -incoming defer`);
+    // libvirt creates the incoming domain itself (incomingNeedsQemu false): there is no VM to check yet.
+    if (this.driver.incomingNeedsQemu !== false) {
+      await this.ready();
+      const state = await this.driver.runState();
+      if (state !== "inmigrate") {
+        throw new FailedPreconditionError(`VM ${this.name} here is ${state}; the destination QEMU must be started with -incoming defer`);
+      }
     }
     const postcopy = mode === MigrationMode.POSTCOPY || mode === MigrationMode.HYBRID;
     const uri = await this.driver.prepareIncoming({ postcopy }, this.options.incomingHost);

@@ -256,7 +256,7 @@ describe("loadCoordinatorConfig and checkConfigPaths", () => {
     const bad = write(d, "{ not json");
     expect(loadError(bad)).toContain(`${bad}: not valid JSON`);
     const typo = write(d, { vms: [{ ...vm, flor: "1G" }] });
-    expect(loadError(typo)).toBe(`${typo}: vms[0].flor: unknown key (allowed here: name, qmpSocket, agentId, floor, max, agentPort)`);
+    expect(loadError(typo)).toBe(`${typo}: vms[0].flor: unknown key (allowed here: name, qmpSocket, agentId, floor, max, agentPort, libvirt)`);
   });
 });
 
@@ -378,5 +378,45 @@ describe("shared/config-schema", () => {
     ["80", false],
   ])("portSchema: %j -> %s", (port, ok) => {
     expect(portSchema.safeParse(port).success).toBe(ok);
+  });
+});
+
+describe("libvirt VM entries", () => {
+  const lv = { name: "vm1", libvirt: { uri: "qemu:///system", domain: "guest-1" } };
+
+  it("takes a libvirt domain instead of a QMP socket", () => {
+    const c = parseCoordinatorConfig({ vms: [lv, vm2] }, "c.json", "/etc");
+    expect(c.vms[0]).toEqual({ name: "vm1", qmpSocket: "", libvirt: { uri: "qemu:///system", domain: "guest-1", peerUri: "qemu:///system" }, agentId: "vm1", floorBytes: 256 * MiB, maxBytes: 0, agentPort: 0 });
+    expect(c.vms[1]?.libvirt).toBeUndefined();
+  });
+
+  it("accepts a socket URI and a peer URI", () => {
+    const uri = "qemu+unix:///system?socket=/tmp/blv-1/b/run/libvirt-sock";
+    const c = parseCoordinatorConfig({ vms: [{ name: "vm1", libvirt: { uri, domain: "vm1", peerUri: "qemu+tcp://host-b.example/system" } }] }, "c.json", "/etc");
+    expect(c.vms[0]?.libvirt).toEqual({ uri, domain: "vm1", peerUri: "qemu+tcp://host-b.example/system" });
+  });
+
+  it.each([
+    { what: "neither", input: { vms: [{ name: "vm1" }] }, err: /^c\.json: vms\[0\]\.qmpSocket: expected a non-empty string, got nothing; or give "libvirt": \{ "uri": \.\.\., "domain": \.\.\. \} instead$/ },
+    { what: "both", input: { vms: [{ ...lv, qmpSocket: "/run/vm1.qmp" }] }, err: /^c\.json: vms\[0\]\.libvirt: give either qmpSocket or libvirt, not both$/ },
+    { what: "an unknown key", input: { vms: [{ ...lv, libvirt: { ...lv.libvirt, socket: "/x" } }] }, err: /^c\.json: vms\[0\]\.libvirt\.socket: unknown key \(allowed here: uri, domain, peerUri\)$/ },
+    { what: "no domain", input: { vms: [{ name: "vm1", libvirt: { uri: "qemu:///system" } }] }, err: /^c\.json: vms\[0\]\.libvirt\.domain: expected a non-empty string/ },
+    { what: "a bad domain", input: { vms: [{ name: "vm1", libvirt: { uri: "qemu:///system", domain: "a b;c" } }] }, err: /^c\.json: vms\[0\]\.libvirt\.domain: "a b;c" must be a domain name/ },
+    { what: "a bad URI", input: { vms: [{ name: "vm1", libvirt: { uri: "qemu:///system; rm -rf /", domain: "vm1" } }] }, err: /^c\.json: vms\[0\]\.libvirt\.uri: "qemu:\/\/\/system; rm -rf \/" is not a libvirt URI/ },
+    { what: "a path as URI", input: { vms: [{ name: "vm1", libvirt: { uri: "/run/libvirt/libvirt-sock", domain: "vm1" } }] }, err: /vms\[0\]\.libvirt\.uri: .* is not a libvirt URI/ },
+    { what: "a bad peer URI", input: { vms: [{ name: "vm1", libvirt: { uri: "qemu:///system", domain: "vm1", peerUri: "host-b" } }] }, err: /vms\[0\]\.libvirt\.peerUri: "host-b" is not a libvirt URI/ },
+    { what: "libvirt not an object", input: { vms: [{ name: "vm1", libvirt: "qemu:///system" }] }, err: /^c\.json: vms\[0\]\.libvirt: / },
+    {
+      what: "the same domain twice",
+      input: { vms: [lv, { ...lv, name: "vm2" }] },
+      err: /^c\.json: vms\[1\]\.libvirt: libvirt domain guest-1 on qemu:\/\/\/system is used by another VM \(also vms\[0\]\.libvirt\)$/,
+    },
+  ])("refuses $what, naming the file and key", ({ input, err }) => {
+    expect(errorOf(input)).toMatch(err);
+  });
+
+  it("the same domain name on two daemons is two VMs", () => {
+    const c = parseCoordinatorConfig({ vms: [lv, { name: "vm2", libvirt: { uri: "qemu+unix:///system?socket=/tmp/b/libvirt-sock", domain: "guest-1" } }] }, "c.json", "/etc");
+    expect(c.vms).toHaveLength(2);
   });
 });

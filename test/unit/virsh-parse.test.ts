@@ -74,8 +74,8 @@ describe("domstate --reason", () => {
   ])("$file", (c) => {
     const s = parseDomstate(fx(c.file));
     expect(s).toEqual({ state: c.state, reason: c.reason });
-    expect(runStateOf(s, true)).toBe(c.src);
-    expect(runStateOf(s, false)).toBe(c.dst);
+    expect(runStateOf(s, "outgoing")).toBe(c.src);
+    expect(runStateOf(s, "incoming")).toBe(c.dst);
     expect(migrationStatusOf(s, "source")).toBe(c.msSrc);
     expect(migrationStatusOf(s, "destination")).toBe(c.msDst);
   });
@@ -83,12 +83,19 @@ describe("domstate --reason", () => {
   it.each([
     { state: "paused", reason: "user", run: "paused" },
     { state: "paused", reason: "starting up", run: "prelaunch" },
+    { state: "paused", reason: "migrating", run: "inmigrate" },
     { state: "paused", reason: "incoming migration", run: "inmigrate" },
     { state: "paused", reason: "post-copy failed", run: "postcopy-paused" },
     { state: "crashed", reason: "panicked", run: undefined },
     { state: "pmsuspended", reason: "unknown", run: "suspended" },
-  ])("run state of $state ($reason) on a destination is $run", (c) => {
-    expect(runStateOf({ state: c.state, reason: c.reason }, false)).toBe(c.run);
+  ])("run state of $state ($reason) on a host with no migration is $run", (c) => {
+    expect(runStateOf({ state: c.state, reason: c.reason }, "none")).toBe(c.run);
+  });
+
+  it("a host expecting an incoming domain sees it paused (starting up) before the stream begins", () => {
+    const s = { state: "paused", reason: "starting up" };
+    expect(runStateOf(s, "incoming")).toBe("inmigrate");
+    expect(migrationStatusOf(s, "destination")).toBe("active");
   });
 
   it.each([

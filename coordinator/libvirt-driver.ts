@@ -1,0 +1,542 @@
+/**
+ * The libvirt hypervisor driver: one libvirt domain, managed by name,
+ * entirely through libvirt's own API. libvirtd keeps the QEMU monitor; this
+ * driver never touches it (no `qemu-monitor-command`).
+ *
+ * The binding is the `virsh` CLI run as a child process (execa): no native
+ * addon to build, it is exactly the installed libvirt's client, and every
+ * call is one command line in the debug log (`virsh -c URI setmem vm1
+ * 524288 --live`). A migration is one long `virsh migrate` child; its exit
+ * is the outcome. Outputs are parsed strictly in coordinator/virsh-parse.ts.
+ *
+ * Connection: a poll loop (`dominfo` + `domstate --reason`, every second
+ * while up, every 500 ms while a migration is tracked, with the shared
+ * reconnect backoff while down) reports `up` once the domain is active and
+ * inspected, and `down` when the daemon is unreachable, the domain is gone
+ * or shut off, or its id changed (a restart: a different QEMU process).
+ *
+ * libvirt creates the incoming domain on the destination itself, so
+ * `prepareIncoming` only picks a port and the destination's driver comes up
+ * when the domain appears ({@link LibvirtDriver.incomingNeedsQemu} is false).
+ *
+ * Units: virsh speaks KiB (`setmem`, `dommemstat`) and MiB/s
+ * (`--bandwidth`); this driver speaks bytes and bytes/s like QMP.
+ */
+import { execa, type ResultPromise } from "execa";
+import { FailedPreconditionError, InvalidArgumentError, UnavailableError, errorMessage } from "../shared/errors.js";
+import type { Logger } from "../shared/logger.js";
+import { freePort } from "../shared/net.js";
+import { BACKOFF, Backoff } from "../shared/retry.js";
+import type { DriverEvent, GuestMemoryStats, HypervisorDriver, MigrationSettings, VmFacts } from "./hypervisor.js";
+import type { MigrateStats } from "./qemu.js";
+import {
+  JOB_TYPE,
+  classifyVirshError,
+  cleanVirshError,
+  emptyMigrateStats,
+  jobStatsToMigrateStats,
+  migrationStatusOf,
+  parseDominfo,
+  parseDomjobinfoRaw,
+  parseDommemstat,
+  parseDomstate,
+  parseIncomingUri,
+  parseJobCompletedEvent,
+  runStateOf,
+  type DomState,
+  type MigrationRole,
+  type VirshFailure,
+} from "./virsh-parse.js";
+
+/** Options for {@link LibvirtDriver}. */
+export interface LibvirtDriverOptions {
+  /** libvirt connection URI, e.g. `qemu:///system` or `qemu+unix:///system?socket=/run/libvirt/libvirt-sock`. */
+  uri: string;
+  /** The domain's name. */
+  domain: string;
+  logger: Logger;
+  /** The URI a source host's virsh must dial to reach this daemon (sent by prepareIncoming). Default: `uri`. */
+  dialUri?: string;
+  /** Per-command timeout. Default 10000 ms. */
+  commandTimeoutMs?: number;
+  /** Poll period while up and idle. Default 1000 ms. */
+  pollMs?: number;
+  /** Poll period while a migration is tracked. Default 500 ms. */
+  jobPollMs?: number;
+  /** `dommemstat --period` set once per domain start. Default 2; 0 leaves it. */
+  statsPeriodS?: number;
+  /** Backoff while down. Default {@link BACKOFF.reconnect}. */
+  backoff?: { initialMs: number; maxMs: number };
+  /** The virsh binary. Default "virsh". */
+  virsh?: string;
+}
+
+/** A failed virsh command: the cleaned message plus what kind of failure it was. */
+export class VirshError extends UnavailableError {
+  constructor(
+    message: string,
+    readonly failure: VirshFailure,
+  ) {
+    super(message);
+  }
+}
+
+interface Outgoing {
+  child: VirshChild;
+  events: VirshChild | undefined;
+  cancelRequested: boolean;
+  exited: boolean;
+  /** The last stats polled while the job ran. */
+  last: MigrateStats | undefined;
+  lastIteration: number;
+}
+
+const MiBps = 1024 * 1024;
+
+/** execa options of every virsh child: never throws, C locale (stable output), no stdin. */
+const CHILD_OPTIONS = { reject: false, env: { LC_ALL: "C" }, stdin: "ignore" } as const;
+type VirshChild = ResultPromise<typeof CHILD_OPTIONS>;
+
+/** {@link HypervisorDriver} over libvirt (virsh). */
+export class LibvirtDriver implements HypervisorDriver {
+  readonly kind = "libvirt";
+  readonly incomingNeedsQemu = false;
+  private readonly log: Logger;
+  private readonly backoff: Backoff;
+  private readonly virshBin: string;
+  private readonly timeoutMs: number;
+  private listener: (e: DriverEvent) => void = () => {};
+  private factsValue: VmFacts | undefined;
+  private domId: number | undefined;
+  private closed = false;
+  private timer: NodeJS.Timeout | undefined;
+  private polling = false;
+  private settings: MigrationSettings = { postcopy: false };
+  private outgoing: Outgoing | undefined;
+  /** The outcome of the last migration this driver saw end (either side), for queryMigration after the job is gone. */
+  private lastFinal: MigrateStats | undefined;
+  /** prepareIncoming ran here; the domain that appears next is the incoming one. */
+  private incomingExpected = false;
+  /** Destination: the migration status last reported while tracking the incoming domain. */
+  private incomingStatus: string | undefined;
+  private statsEnabledFor: number | undefined;
+
+  constructor(private readonly options: LibvirtDriverOptions) {
+    if (!/^[A-Za-z0-9][A-Za-z0-9._-]*$/.test(options.domain)) {
+      throw new InvalidArgumentError(`libvirt driver: domain name ${JSON.stringify(options.domain)} must be [A-Za-z0-9._-]`);
+    }
+    this.log = options.logger.child({ driver: "libvirt", uri: options.uri, domain: options.domain });
+    this.backoff = new Backoff(options.backoff ?? BACKOFF.reconnect);
+    this.virshBin = options.virsh ?? "virsh";
+    this.timeoutMs = options.commandTimeoutMs ?? 10_000;
+  }
+
+  get connected(): boolean {
+    return this.factsValue !== undefined;
+  }
+
+  get facts(): VmFacts | undefined {
+    return this.factsValue;
+  }
+
+  onEvent(listener: (e: DriverEvent) => void): void {
+    this.listener = listener;
+  }
+
+  start(): void {
+    this.schedule(0);
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    if (this.timer) clearTimeout(this.timer);
+    // A running `virsh migrate` is left alone: the migration belongs to libvirt, not to this process.
+    this.outgoing?.events?.kill();
+  }
+
+  // ---- virsh ------------------------------------------------------------------
+
+  /** Runs `virsh -c URI ARGS`; resolves with stdout, rejects with a {@link VirshError}. */
+  async virsh(args: string[], timeoutMs = this.timeoutMs): Promise<string> {
+    this.log.debug({ cmd: ["virsh", "-c", this.options.uri, ...args].join(" ") }, "virsh");
+    const r = await execa(this.virshBin, ["-c", this.options.uri, ...args], { ...CHILD_OPTIONS, timeout: timeoutMs });
+    if (r.exitCode === 0) return r.stdout;
+    const what = `virsh ${args[0]}`;
+    if (r.timedOut) throw new VirshError(`${what}: no answer in ${timeoutMs} ms`, "no-daemon");
+    const stderr = r.stderr || r.stdout || (r.cause instanceof Error ? r.cause.message : `exit ${r.exitCode}`);
+    throw new VirshError(`${what}: ${cleanVirshError(stderr) || `exit ${r.exitCode}`}`, classifyVirshError(stderr));
+  }
+
+  private requireUp(what: string): void {
+    if (!this.factsValue) throw new UnavailableError(`libvirt ${what}: domain ${this.options.domain} is not running on ${this.options.uri}`);
+  }
+
+  // ---- balloon ------------------------------------------------------------------
+
+  async setBalloon(targetBytes: number): Promise<void> {
+    if (!Number.isSafeInteger(targetBytes) || targetBytes <= 0) {
+      throw new InvalidArgumentError(`setmem: target must be a positive integer number of bytes, got ${String(targetBytes)}`);
+    }
+    this.requireUp("setmem");
+    // QMP caps a target above the RAM size silently; libvirt refuses it: cap here, like QEMU.
+    const ram = this.factsValue?.ramBytes ?? targetBytes;
+    const kib = Math.max(1, Math.floor(Math.min(targetBytes, ram) / 1024));
+    await this.virsh(["setmem", this.options.domain, String(kib), "--live"]);
+  }
+
+  async queryBalloon(): Promise<number> {
+    this.requireUp("dommemstat");
+    return parseDommemstat(await this.virsh(["dommemstat", this.options.domain])).actualBytes;
+  }
+
+  async guestMemoryStats(): Promise<GuestMemoryStats | undefined> {
+    this.requireUp("dommemstat");
+    const m = parseDommemstat(await this.virsh(["dommemstat", this.options.domain]));
+    if (m.lastUpdateS === 0 && m.usableBytes === undefined) return undefined;
+    // libvirt's names: `usable` is the guest's MemAvailable (QEMU stat-available-memory); `available` is MemTotal.
+    return { availableBytes: m.usableBytes, freeBytes: m.unusedBytes, diskCachesBytes: m.diskCachesBytes, lastUpdateS: m.lastUpdateS };
+  }
+
+  async runState(): Promise<string> {
+    const st = parseDomstate(await this.virsh(["domstate", "--reason", this.options.domain]));
+    const rs = runStateOf(st, this.role);
+    if (rs === undefined) throw new UnavailableError(`libvirt: domain ${this.options.domain} is ${st.state} (${st.reason})`);
+    return rs;
+  }
+
+  // ---- migration ------------------------------------------------------------------
+
+  async configureMigration(s: MigrationSettings): Promise<void> {
+    if (s.maxBandwidthBytesPerSec !== undefined && !(Number.isSafeInteger(s.maxBandwidthBytesPerSec) && s.maxBandwidthBytesPerSec >= 0)) {
+      throw new InvalidArgumentError(`libvirt migration: maxBandwidthBytesPerSec must be a non-negative integer, got ${s.maxBandwidthBytesPerSec}`);
+    }
+    if (s.downtimeLimitMs !== undefined && !(Number.isSafeInteger(s.downtimeLimitMs) && s.downtimeLimitMs >= 0)) {
+      throw new InvalidArgumentError(`libvirt migration: downtimeLimitMs must be a non-negative integer, got ${s.downtimeLimitMs}`);
+    }
+    this.settings = { ...s };
+  }
+
+  /** The `virsh migrate` argv (after `-c SRC`) for these settings; exported for tests and the README. */
+  migrateArgs(uri: string): string[] {
+    const { dconnuri, migrateuri } = parseIncomingUri(uri);
+    const host = new URL(migrateuri).hostname;
+    const args = ["migrate", "--live"];
+    if (this.settings.postcopy) args.push("--postcopy");
+    const bw = this.settings.maxBandwidthBytesPerSec;
+    if (bw !== undefined && bw > 0) {
+      // virsh takes MiB/s; never 0 (that means unlimited to libvirt).
+      const mib = String(Math.max(1, Math.round(bw / MiBps)));
+      args.push("--bandwidth", mib);
+      if (this.settings.postcopy) args.push("--postcopy-bandwidth", mib);
+    }
+    args.push(this.options.domain, dconnuri, "--migrateuri", migrateuri, "--listen-address", host);
+    return args;
+  }
+
+  async startMigration(uri: string): Promise<void> {
+    this.requireUp("migrate");
+    if (this.outgoing && !this.outgoing.exited) throw new FailedPreconditionError(`libvirt: a migration of ${this.options.domain} is already running`);
+    const args = this.migrateArgs(uri);
+    if (this.settings.downtimeLimitMs !== undefined && this.settings.downtimeLimitMs > 0) {
+      await this.virsh(["migrate-setmaxdowntime", this.options.domain, String(this.settings.downtimeLimitMs)]);
+    }
+    this.lastFinal = undefined;
+    // The transient source domain is gone the moment the migration completes, and with it `domjobinfo --completed`:
+    // the job-completed event is where its final numbers are.
+    const events = this.spawnVirsh(["event", "--domain", this.options.domain, "--event", "job-completed", "--timeout", "86400"]);
+    await new Promise((r) => setTimeout(r, 300));
+    const child = this.spawnVirsh(args);
+    const out: Outgoing = { child, events, cancelRequested: false, exited: false, last: undefined, lastIteration: 0 };
+    this.outgoing = out;
+    this.log.info({ cmd: ["virsh", "-c", this.options.uri, ...args].join(" ") }, "migration started");
+    let accepted = false;
+    let acceptedHook: (() => void) | undefined;
+    const exit = child.then(async (r) => {
+      let final: MigrateStats;
+      if (r.exitCode === 0) {
+        const ev = await this.finalFromEvent(out);
+        final = ev ?? { ...(out.last ?? emptyMigrateStats("completed")), status: "completed", remainingBytes: 0 };
+      } else {
+        const msg = cleanVirshError(r.stderr) || `virsh migrate exited with ${r.exitCode ?? r.signal}`;
+        const status = out.cancelRequested && /cancel|abort/i.test(msg) ? "cancelled" : "failed";
+        final = { ...(out.last ?? emptyMigrateStats(status)), status, errorDesc: msg };
+        out.events?.kill();
+      }
+      // Only now: until the outcome is known, a poll that finds the source domain gone must not report `down`.
+      this.lastFinal = final;
+      out.exited = true;
+      this.log.info({ status: final.status, error: final.errorDesc || undefined, transferred: final.transferredBytes }, "virsh migrate ended");
+      // Never before startMigration resolved: a final status before `migrate-accepted` would be taken for an older migration's.
+      const report = () => this.emit({ type: "migration-status", status: final.status });
+      if (accepted) setTimeout(report, 0);
+      else acceptedHook = report;
+      setTimeout(() => this.schedule(0), 0);
+      return r;
+    });
+    // Resolves once libvirt shows the job, or the command has already ended well.
+    const until = Date.now() + 30_000;
+    for (;;) {
+      if (out.exited) {
+        const r = await exit;
+        if (r.exitCode !== 0) throw new FailedPreconditionError(`virsh migrate: ${cleanVirshError(r.stderr) || `exit ${r.exitCode}`}`);
+        break;
+      }
+      try {
+        const j = parseDomjobinfoRaw(await this.virsh(["domjobinfo", this.options.domain, "--rawstats"]));
+        if (j.jobType === JOB_TYPE.unbounded || j.jobType === JOB_TYPE.bounded) break;
+      } catch (err) {
+        this.log.debug({ err: errorMessage(err) }, "domjobinfo while waiting for the migration job");
+      }
+      if (Date.now() > until) throw new UnavailableError("virsh migrate: libvirt showed no migration job within 30 s");
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    accepted = true;
+    if (acceptedHook) setTimeout(acceptedHook, 0);
+    this.emit({ type: "migration-status", status: "active" });
+    this.schedule(0);
+  }
+
+  async startPostcopy(): Promise<void> {
+    this.requireUp("migrate-postcopy");
+    await this.virsh(["migrate-postcopy", this.options.domain]);
+  }
+
+  async cancelMigration(): Promise<void> {
+    this.requireUp("domjobabort");
+    if (this.outgoing && !this.outgoing.exited) this.outgoing.cancelRequested = true;
+    await this.virsh(["domjobabort", this.options.domain]);
+  }
+
+  async queryMigration(): Promise<MigrateStats> {
+    const out = this.outgoing;
+    if (out && !out.exited) {
+      const st = parseDomstate(await this.virsh(["domstate", "--reason", this.options.domain]));
+      const j = parseDomjobinfoRaw(await this.virsh(["domjobinfo", this.options.domain, "--rawstats"]));
+      if (j.jobType === JOB_TYPE.none) return out.last ?? emptyMigrateStats("setup");
+      const s = jobStatsToMigrateStats(j, migrationStatusOf(st, "source") ?? "active");
+      out.last = s;
+      return s;
+    }
+    if (out && this.lastFinal) return this.lastFinal;
+    // Destination, or a source that is not migrating.
+    let st: DomState;
+    try {
+      st = parseDomstate(await this.virsh(["domstate", "--reason", this.options.domain]));
+    } catch (err) {
+      if (err instanceof VirshError && err.failure === "no-domain") return this.lastFinal ?? emptyMigrateStats("none");
+      throw err;
+    }
+    if (this.incomingExpected || this.incomingStatus !== undefined) {
+      const status = migrationStatusOf(st, "destination");
+      // libvirt reports no statistics on the destination while the migration runs.
+      if (status && status !== "completed") return emptyMigrateStats(status);
+    }
+    if (this.lastFinal) return this.lastFinal;
+    const done = await this.completedJob();
+    return done ?? emptyMigrateStats("none");
+  }
+
+  async prepareIncoming(_s: MigrationSettings, host: string): Promise<string> {
+    // libvirt sets up the incoming side itself (capabilities included, from the source's flags): only the port is ours.
+    try {
+      const info = parseDominfo(await this.virsh(["dominfo", this.options.domain]));
+      if (info.id !== undefined) {
+        throw new FailedPreconditionError(`libvirt: domain ${this.options.domain} already runs on ${this.options.uri} (${info.state}); it cannot be a migration destination`);
+      }
+    } catch (err) {
+      if (!(err instanceof VirshError && err.failure === "no-domain")) throw err;
+    }
+    const port = await freePort(host);
+    this.incomingExpected = true;
+    this.incomingStatus = undefined;
+    this.lastFinal = undefined;
+    this.outgoing = undefined;
+    // Look at the domain at the job rate from now on, not at the idle backoff.
+    this.backoff.reset();
+    this.schedule(0);
+    return JSON.stringify({ dconnuri: this.options.dialUri ?? this.options.uri, migrateuri: `tcp://${host}:${port}` });
+  }
+
+  // ---- the poll loop ------------------------------------------------------------------
+
+  private get outgoingActive(): boolean {
+    return this.outgoing !== undefined && !this.outgoing.exited;
+  }
+
+  private get role(): MigrationRole {
+    if (this.outgoingActive) return "outgoing";
+    return this.incomingExpected || this.incomingStatus !== undefined ? "incoming" : "none";
+  }
+
+  private get tracking(): boolean {
+    return this.outgoingActive || this.incomingExpected || this.incomingStatus !== undefined;
+  }
+
+  private schedule(ms: number): void {
+    if (this.closed) return;
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = setTimeout(() => {
+      this.timer = undefined;
+      void this.poll();
+    }, ms);
+  }
+
+  private async poll(): Promise<void> {
+    if (this.closed || this.polling) return;
+    this.polling = true;
+    let next: number;
+    try {
+      next = await this.pollOnce();
+    } catch (err) {
+      this.log.warn({ err: errorMessage(err) }, "libvirt poll failed");
+      next = this.options.pollMs ?? 1000;
+    } finally {
+      this.polling = false;
+    }
+    this.schedule(next);
+  }
+
+  /** One look at the domain; returns the delay before the next one. */
+  private async pollOnce(): Promise<number> {
+    const d = this.options.domain;
+    let state: DomState | undefined;
+    let id: number | undefined;
+    let ramBytes = 0;
+    let problem = "";
+    try {
+      const info = parseDominfo(await this.virsh(["dominfo", d]));
+      id = info.id;
+      ramBytes = info.maxMemoryBytes;
+      if (id !== undefined) state = parseDomstate(await this.virsh(["domstate", "--reason", d]));
+      else problem = `domain ${d} is ${info.state}`;
+    } catch (err) {
+      if (!(err instanceof VirshError) || err.failure === "other") this.log.warn({ err: errorMessage(err) }, "libvirt: unexpected answer while polling");
+      problem = errorMessage(err);
+    }
+    const runState = state ? runStateOf(state, this.role) : undefined;
+    if (!state || runState === undefined) {
+      if (state) problem = `domain ${d} is ${state.state} (${state.reason})`;
+      // The source domain disappears just before `virsh migrate` returns: its exit tells the outcome, not this poll.
+      if (this.outgoingActive) return this.options.jobPollMs ?? 500;
+      if (this.incomingStatus !== undefined && this.incomingStatus !== "completed") {
+        const status = "failed";
+        this.lastFinal = emptyMigrateStats(status, `the incoming domain went away on ${this.options.uri}: ${problem}`);
+        this.incomingStatus = undefined;
+        this.incomingExpected = false;
+        this.emit({ type: "migration-status", status });
+      }
+      this.goDown(problem);
+      const delay = this.backoff.next();
+      if (this.backoff.attempts === 1) this.log.info({ problem, retryInMs: delay }, "libvirt domain not available");
+      return this.tracking ? Math.min(delay, this.options.jobPollMs ?? 500) : delay;
+    }
+
+    if (this.factsValue && this.domId !== id) this.goDown(`domain ${d} restarted (id ${this.domId} → ${id})`);
+    if (!this.factsValue) {
+      const balloonActualBytes = parseDommemstat(await this.virsh(["dommemstat", d])).actualBytes;
+      const period = this.options.statsPeriodS ?? 2;
+      if (period > 0 && this.statsEnabledFor !== id) {
+        await this.virsh(["dommemstat", d, "--period", String(period), "--live"]).then(
+          () => (this.statsEnabledFor = id),
+          (err: unknown) => this.log.debug({ err: errorMessage(err) }, "balloon stats period not set"),
+        );
+      }
+      this.domId = id;
+      this.factsValue = { ramBytes, runState, balloonActualBytes };
+      this.backoff.reset();
+      this.log.info({ ...this.factsValue, id }, "libvirt domain up");
+      this.emit({ type: "up", facts: this.factsValue });
+    } else if (this.factsValue.runState !== runState) {
+      const was = this.factsValue.runState;
+      this.factsValue = { ...this.factsValue, runState };
+      if (was === "running") this.emit({ type: "stop" });
+      else if (runState === "running") this.emit({ type: "resume" });
+    }
+
+    if (this.outgoingActive) await this.trackOutgoing(state);
+    else if (this.incomingExpected || this.incomingStatus !== undefined) await this.trackIncoming(state);
+    return this.tracking ? (this.options.jobPollMs ?? 500) : (this.options.pollMs ?? 1000);
+  }
+
+  private async trackOutgoing(state: DomState): Promise<void> {
+    const out = this.outgoing;
+    if (!out) return;
+    let j;
+    try {
+      j = parseDomjobinfoRaw(await this.virsh(["domjobinfo", this.options.domain, "--rawstats"]));
+    } catch (err) {
+      this.log.debug({ err: errorMessage(err) }, "domjobinfo failed while migrating");
+      return;
+    }
+    if (j.jobType !== JOB_TYPE.unbounded && j.jobType !== JOB_TYPE.bounded) return;
+    const prev = out.last?.status;
+    const s = jobStatsToMigrateStats(j, migrationStatusOf(state, "source") ?? "active");
+    out.last = s;
+    if (out.exited) return;
+    if (s.dirtySyncCount > out.lastIteration) {
+      out.lastIteration = s.dirtySyncCount;
+      this.emit({ type: "migration-pass", pass: s.dirtySyncCount });
+    }
+    if (s.status !== prev) this.emit({ type: "migration-status", status: s.status });
+  }
+
+  private async trackIncoming(state: DomState): Promise<void> {
+    let status = migrationStatusOf(state, "destination");
+    // A domain that is simply running was not seen arriving: only "migrated" or post-copy says it came in.
+    if (status === "completed" && this.incomingStatus === undefined && state.reason !== "migrated") status = undefined;
+    if (!status || status === this.incomingStatus) return;
+    this.incomingStatus = status;
+    if (status === "completed") {
+      this.incomingExpected = false;
+      this.lastFinal = (await this.completedJob().catch(() => undefined)) ?? emptyMigrateStats("completed");
+      this.incomingStatus = undefined;
+    }
+    this.emit({ type: "migration-status", status });
+  }
+
+  /** `domjobinfo --completed --keep-completed --rawstats` as MigrateStats, when libvirt still has them. */
+  private async completedJob(): Promise<MigrateStats | undefined> {
+    const j = parseDomjobinfoRaw(await this.virsh(["domjobinfo", this.options.domain, "--completed", "--keep-completed", "--rawstats"]));
+    if (j.jobType === JOB_TYPE.completed) return jobStatsToMigrateStats(j, "completed");
+    if (j.jobType === JOB_TYPE.failed) return jobStatsToMigrateStats(j, "failed");
+    if (j.jobType === JOB_TYPE.cancelled) return jobStatsToMigrateStats(j, "cancelled");
+    return undefined;
+  }
+
+  private async finalFromEvent(out: Outgoing): Promise<MigrateStats | undefined> {
+    const ev = out.events;
+    if (!ev) return undefined;
+    // The event arrives before or right after virsh migrate returns; give it a moment.
+    const r = await Promise.race([ev, new Promise<undefined>((res) => setTimeout(() => res(undefined), 2000))]);
+    if (!r) ev.kill();
+    const res = r ?? (await ev);
+    try {
+      const j = parseJobCompletedEvent(String(res.stdout ?? ""));
+      return j ? jobStatsToMigrateStats(j, "completed") : undefined;
+    } catch (err) {
+      this.log.warn({ err: errorMessage(err) }, "job-completed event unreadable");
+      return undefined;
+    }
+  }
+
+  private spawnVirsh(args: string[]): VirshChild {
+    this.log.debug({ cmd: ["virsh", "-c", this.options.uri, ...args].join(" ") }, "virsh (child)");
+    return execa(this.virshBin, ["-c", this.options.uri, ...args], CHILD_OPTIONS);
+  }
+
+  private goDown(error: string): void {
+    if (!this.factsValue) return;
+    this.factsValue = undefined;
+    this.domId = undefined;
+    this.log.info({ error }, "libvirt domain down");
+    this.emit({ type: "down", error });
+  }
+
+  private emit(e: DriverEvent): void {
+    try {
+      this.listener(e);
+    } catch (err) {
+      this.log.error({ err: errorMessage(err), event: e.type }, "driver listener threw");
+    }
+  }
+}
