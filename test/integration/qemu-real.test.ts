@@ -153,7 +153,7 @@ describe(`real QEMU (${QEMU})`, () => {
   });
 
   it("BalloonController against real QEMU: the wait reports stalled, not reached, without a driver", async () => {
-    const ctl = new BalloonController(src.qemu, { floorBytes: 64 * MiB, maxBytes: RAM, stallMs: 600, pollIntervalMs: 100 });
+    const ctl = new BalloonController({ setBalloon: (b) => src.qemu.balloon(b), queryBalloon: () => src.qemu.queryBalloon() }, { floorBytes: 64 * MiB, maxBytes: RAM, stallMs: 600, pollIntervalMs: 100 });
     try {
       await expect(ctl.setTarget(160 * MiB, { force: true, reason: "integration" })).resolves.toBe(160 * MiB);
       const r = await ctl.waitForTarget({ deadlineMs: 10_000 });

@@ -1,6 +1,7 @@
 /**
  * The agent hub over real gRPC on loopback: identity checks, error statuses
- * through the adapter, and session replacement. The VM has no QEMU behind it.
+ * through the adapter, and session replacement. Each VM is a real
+ * VmSupervisor over a fake hypervisor driver and an in-memory migration store.
  */
 import * as grpc from "@grpc/grpc-js";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -8,24 +9,53 @@ import { AgentService, type SessionResponse } from "../../gen/ballast/v1/agent_p
 import { AgentHub } from "../../coordinator/agent-hub.js";
 import { toGrpcStatus } from "../../coordinator/grpc-errors.js";
 import { agentService, type Domain } from "../../coordinator/services.js";
-import { VmRuntime } from "../../coordinator/vm-runtime.js";
-import { addService, createClient } from "../../shared/grpc-adapter.js";
+import { MigrationStore } from "../../coordinator/migration-store.js";
+import { VmSupervisor, type AgentLink } from "../../coordinator/vm-supervisor.js";
+import type { PeerService } from "../../gen/ballast/v1/peer_pb.js";
+import { addService, createClient, type Client } from "../../shared/grpc-adapter.js";
 import { silentLogger } from "../../shared/logger.js";
+import { FakeDriver } from "../helpers/fake-driver.js";
 
 const logger = silentLogger();
-const defaults = { maxBandwidthBytesPerSec: 1e8, downtimeLimitMs: 300, prepareDeadlineMs: 1000, steadyState: true, sampleIntervalMs: 750 };
-const mkVm = (name: string, agentId: string, agentPort: number) =>
-  new VmRuntime({ config: { name, qmpSocket: `/nonexistent/${name}.qmp`, agentId, floorBytes: 64 << 20, maxBytes: 0, agentPort }, logger });
+const defaults = { maxBandwidthBytesPerSec: 1e8, downtimeLimitMs: 300, prepareDeadlineMs: 1000, steadyState: true, sampleIntervalMs: 750, agentLeaseMs: 10_000 };
+const store = new MigrationStore({ stateDir: "", logger });
+const noPeer = (): Client<typeof PeerService> => {
+  throw new Error("no peer in this test");
+};
+/** Links the hub attached, per VM, in order. */
+const attached = new Map<string, AgentLink[]>();
+const mkVm = (name: string, agentId: string, agentPort: number, hypervisorUp = false) => {
+  const vm = new VmSupervisor({
+    config: { name, qmpSocket: `/nonexistent/${name}.qmp`, agentId, floorBytes: 64 << 20, maxBytes: 0, agentPort },
+    defaults,
+    // vm1 and vm2 have no hypervisor behind them (the driver never comes up), as before the supervisor.
+    driver: new FakeDriver({ upOnStart: hypervisorUp }),
+    store,
+    peer: noPeer,
+    incomingHost: "127.0.0.1",
+    logger,
+  });
+  const attach = vm.attachAgent.bind(vm);
+  vm.attachAgent = (link) => {
+    attached.set(name, [...(attached.get(name) ?? []), link]);
+    return attach(link);
+  };
+  return vm;
+};
+/** The hello of the VM's current session, if one is attached. */
+const currentHello = (name: string) => (vms.get(name)?.view().agentConnected ? attached.get(name)?.at(-1)?.hello : undefined);
 
 let server: grpc.Server;
 let shared = "";
 let bound = "";
-const vms = new Map<string, VmRuntime>();
+const vms = new Map<string, VmSupervisor>();
 let hub: AgentHub;
 
 beforeAll(async () => {
   vms.set("vm1", mkVm("vm1", "agent-1", 0));
   vms.set("vm2", mkVm("vm2", "agent-2", 1));
+  vms.set("vm3", mkVm("vm3", "agent-3", 0, true));
+  for (const vm of vms.values()) vm.start();
   hub = new AgentHub({ hostId: "h1", vms, defaults, logger, helloTimeoutMs: 500 });
   const domain = { vms, hub, defaults } as unknown as Domain;
   server = new grpc.Server();
@@ -38,8 +68,10 @@ beforeAll(async () => {
   bound = `127.0.0.1:${await bind(boundServer)}`;
 });
 
-afterAll(() => {
+afterAll(async () => {
   server.forceShutdown();
+  for (const vm of vms.values()) await vm.stop();
+  store.close();
 });
 
 async function session(address: string, first: Parameters<ReturnType<ReturnType<typeof createClient<typeof AgentService>>["session"]>["send"]>[0] | undefined) {
@@ -82,22 +114,41 @@ describe("AgentHub sessions", () => {
     expect(a.got[0]?.msg.value).toMatchObject({ vmName: "vm2", hostId: "h1" });
     expect(a.got[1]?.msg.case).toBe("policy");
     expect(a.got[1]?.msg.value).toMatchObject({ sampleIntervalMs: 750, steadyState: true, floorBytes: BigInt(64 << 20) });
-    expect(hub.session("vm2")?.hello.agentVersion).toBe("t");
+    expect(currentHello("vm2")?.agentVersion).toBe("t");
+    expect(hub.size).toBe(1);
 
     const b = await session(bound, { msg: { case: "hello", value: { vmId: "agent-2", agentVersion: "t2" } } });
     // The older stream ends cleanly once the new one is attached.
     expect(await a.done).toBeUndefined();
-    expect(hub.session("vm2")?.hello.agentVersion).toBe("t2");
+    expect(currentHello("vm2")?.agentVersion).toBe("t2");
+    expect(attached.get("vm2")).toHaveLength(2);
 
     // A sample that contradicts itself is refused and not stored.
     await b.stream.send({ msg: { case: "sample", value: { memTotalBytes: 100n, memFreeBytes: 200n } } });
     await b.stream.send({ msg: { case: "sample", value: { memTotalBytes: 1000n, memFreeBytes: 200n, memAvailableBytes: 300n } } });
     const until2 = Date.now() + 5000;
-    while (!vms.get("vm2")?.lastSample && Date.now() < until2) await new Promise((r) => setTimeout(r, 20));
-    expect(vms.get("vm2")?.lastSample?.memTotalBytes).toBe(1000n);
+    while (!vms.get("vm2")?.view().lastSample && Date.now() < until2) await new Promise((r) => setTimeout(r, 20));
+    expect(vms.get("vm2")?.view().lastSample?.memTotalBytes).toBe(1000n);
     b.stream.end();
     await b.done;
     a.client.close();
     b.client.close();
+  });
+
+  // Known bug (coordinator/agent-hub.ts, not fixed here): the hub attaches the link to the supervisor
+  // before it sends Welcome and Policy, and attachAgent pushes the balloon state at once, so with a
+  // connected hypervisor a BalloonState is the first message on the wire. The agent tolerates it today.
+  // `it.fails`: this starts failing (and should become a plain `it`) once the hub sends Welcome first.
+  it.fails("sends Welcome before anything else also when the VM's hypervisor is up", async () => {
+    const s = await session(shared, { msg: { case: "hello", value: { vmId: "agent-3", agentVersion: "t3" } } });
+    const until = Date.now() + 5000;
+    while (s.got.length < 3 && Date.now() < until) await new Promise((r) => setTimeout(r, 20));
+    try {
+      expect(s.got.map((m) => m.msg.case).slice(0, 2)).toEqual(["welcome", "policy"]);
+    } finally {
+      s.stream.end();
+      await s.done;
+      s.client.close();
+    }
   });
 });

@@ -1,27 +1,25 @@
 /**
- * BalloonController against a fake Qemu whose guest "driver" moves the
- * actual size as each test scripts it. Real timers with short intervals.
+ * BalloonController against a fake balloon device whose guest "driver" moves
+ * the actual size as each test scripts it. Real timers with short intervals.
  */
-import { EventEmitter } from "node:events";
 import { describe, expect, it } from "vitest";
-import { BalloonController, type BalloonControllerOptions, type BalloonQemu, type BalloonState } from "../../coordinator/balloon-controller.js";
-import { QmpCommandError, QmpDisconnectedError, type QmpEvent } from "../../coordinator/qmp-client.js";
+import { BalloonController, type BalloonControllerOptions, type BalloonDevice, type BalloonState } from "../../coordinator/balloon-controller.js";
+import { QmpCommandError, QmpDisconnectedError } from "../../coordinator/qmp-client.js";
 import { FailedPreconditionError, InvalidArgumentError } from "../../shared/errors.js";
 import { MiB } from "../../shared/units.js";
 
 const RAM = 1024 * MiB;
 
-class FakeQemu implements BalloonQemu {
-  readonly qmp = new EventEmitter();
+class FakeDevice implements BalloonDevice {
   readonly balloonCalls: Array<{ value: number; atMs: number }> = [];
   queries = 0;
   actual = RAM;
   /** Called on every query-balloon; may move `actual` or throw. */
-  onQuery: (fake: FakeQemu) => void = () => undefined;
+  onQuery: (fake: FakeDevice) => void = () => undefined;
   failBalloon: Error | undefined;
   private readonly t0 = performance.now();
 
-  async balloon(value: number): Promise<void> {
+  async setBalloon(value: number): Promise<void> {
     this.balloonCalls.push({ value, atMs: performance.now() - this.t0 });
     await Promise.resolve();
     if (this.failBalloon) throw this.failBalloon;
@@ -32,15 +30,10 @@ class FakeQemu implements BalloonQemu {
     this.onQuery(this);
     return this.actual;
   }
-
-  emitBalloonChange(actual: unknown): void {
-    const ev: QmpEvent = { event: "BALLOON_CHANGE", data: { actual }, timestamp: { seconds: 0, microseconds: 0 } };
-    this.qmp.emit("event", ev);
-  }
 }
 
-function make(opts: Partial<BalloonControllerOptions> = {}): { fake: FakeQemu; ctl: BalloonController; states: BalloonState[] } {
-  const fake = new FakeQemu();
+function make(opts: Partial<BalloonControllerOptions> = {}): { fake: FakeDevice; ctl: BalloonController; states: BalloonState[] } {
+  const fake = new FakeDevice();
   const ctl = new BalloonController(fake, { floorBytes: 256 * MiB, maxBytes: RAM, minIntervalMs: 0, pollIntervalMs: 10, stallMs: 100, ...opts });
   const states: BalloonState[] = [];
   ctl.on("state", (s: BalloonState) => states.push(s));
@@ -48,7 +41,7 @@ function make(opts: Partial<BalloonControllerOptions> = {}): { fake: FakeQemu; c
 }
 
 /** Moves actual toward the latest balloon target by `step` bytes per query. */
-function converge(step: number): (f: FakeQemu) => void {
+function converge(step: number): (f: FakeDevice) => void {
   return (f) => {
     const target = f.balloonCalls[f.balloonCalls.length - 1]?.value ?? f.actual;
     const d = target - f.actual;
@@ -174,28 +167,32 @@ describe("setTarget", () => {
     for (const p of ps) await expect(p).rejects.toBeInstanceOf(QmpDisconnectedError);
   });
 
-  it("dispose cancels a scheduled request and stops listening to QMP", async () => {
-    const { fake, ctl } = make({ minIntervalMs: 60 });
+  it("dispose cancels a scheduled request and ignores later balloon-change reports", async () => {
+    const { fake, ctl, states } = make({ minIntervalMs: 60 });
     await ctl.setTarget(900 * MiB);
     const scheduled = ctl.setTarget(500 * MiB);
     ctl.dispose();
     await expect(scheduled).rejects.toBeInstanceOf(FailedPreconditionError);
     await new Promise((r) => setTimeout(r, 100));
     expect(fake.balloonCalls).toHaveLength(1);
-    expect(fake.qmp.listenerCount("event")).toBe(0);
+    const before = states.length;
+    ctl.learnActual(600 * MiB);
+    expect(ctl.actualBytes).toBeUndefined();
+    expect(states).toHaveLength(before);
     await expect(ctl.setTarget(500 * MiB)).rejects.toBeInstanceOf(FailedPreconditionError);
     ctl.dispose(); // idempotent
   });
 });
 
 describe("actual size tracking", () => {
-  it("learns actual from BALLOON_CHANGE without polling and emits state only on change", async () => {
+  it("learns actual from balloon-change reports (learnActual) without polling and emits state only on change", async () => {
     const { fake, ctl, states } = make();
-    fake.emitBalloonChange(900 * MiB);
-    fake.emitBalloonChange(900 * MiB);
-    fake.emitBalloonChange("bogus");
-    fake.emitBalloonChange(-5);
-    fake.qmp.emit("event", { event: "STOP", data: {}, timestamp: { seconds: 0, microseconds: 0 } });
+    ctl.learnActual(900 * MiB);
+    ctl.learnActual(900 * MiB);
+    ctl.learnActual("bogus" as unknown as number);
+    ctl.learnActual(-5);
+    ctl.learnActual(Number.NaN);
+    ctl.learnActual(900.5 * MiB + 0.25);
     expect(ctl.actualBytes).toBe(900 * MiB);
     expect(states).toEqual([{ targetBytes: undefined, actualBytes: 900 * MiB }]);
     expect(fake.queries).toBe(0);

@@ -5,7 +5,7 @@ import { MigrateRequestSchema } from "../../gen/ballast/v1/migration_pb.js";
 import { DEFAULT_STRATEGY, validateMigrateRequest } from "../../coordinator/validate.js";
 import { InvalidArgumentError } from "../../shared/errors.js";
 
-const defaults = { maxBandwidthBytesPerSec: 125_000_000, downtimeLimitMs: 300, prepareDeadlineMs: 15_000, steadyState: true, sampleIntervalMs: 1000 };
+const defaults = { maxBandwidthBytesPerSec: 125_000_000, downtimeLimitMs: 300, prepareDeadlineMs: 15_000, steadyState: true, sampleIntervalMs: 1000, agentLeaseMs: 10_000 };
 const req = (o: Record<string, unknown>) => create(MigrateRequestSchema, { vm: "vm1", destination: "127.0.0.1:7000", ...o });
 
 describe("validateMigrateRequest", () => {
