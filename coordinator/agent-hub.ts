@@ -106,10 +106,7 @@ export class AgentHub {
       close: (reason) => closeSession(reason),
     };
 
-    const previous = vm.attachAgent(link);
-    previous?.close("replaced by a new session");
-    this.attached++;
-    log.info({ capabilities: hello.capabilities, bootId: hello.bootId }, "agent attached");
+    let attached = false;
     try {
       const phase = vm.currentPhase();
       await ctx.send({
@@ -134,6 +131,12 @@ export class AgentHub {
           },
         },
       });
+      // Attached only after Welcome and Policy went out: the first thing an agent hears is Welcome.
+      const previous = vm.attachAgent(link);
+      previous?.close("replaced by a new session");
+      attached = true;
+      this.attached++;
+      log.info({ capabilities: hello.capabilities, bootId: hello.bootId }, "agent attached");
       const loop = (async () => {
         for (;;) {
           const next = await iterator.next();
@@ -147,9 +150,11 @@ export class AgentHub {
       log.info({ err: errorMessage(err) }, "agent session broke");
     } finally {
       if (pushTimer) clearTimeout(pushTimer);
-      this.attached--;
-      this.detached++;
-      vm.detachAgent(link);
+      if (attached) {
+        this.attached--;
+        this.detached++;
+        vm.detachAgent(link);
+      }
     }
   }
 

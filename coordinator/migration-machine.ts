@@ -375,12 +375,12 @@ function onStatus(s: MachineState, fx: Effect[], status: string, now: number): T
       const why = s.migrateIssued
         ? "interrupted: after the coordinator restarted, QEMU reports no migration"
         : "interrupted: the coordinator restarted before the migration started in QEMU";
-      return decide(s, fx, Phase.FAILED, why, now);
+      return decide(s, fx, Phase.FAILED, why, now, true);
     }
     if (s.step === "migrate") return { state: s, effects: fx };
     // A destination reports no status until the source connects.
     if (!out && !s.seenActive) return { state: s, effects: fx };
-    return decide(s, fx, Phase.FAILED, "QEMU has no migration any more: it was restarted mid-migration", now);
+    return decide(s, fx, Phase.FAILED, "QEMU has no migration any more: it was restarted mid-migration", now, true);
   }
   if (status !== "setup") s.seenActive = true;
   if (s.step === "resume") {

@@ -122,6 +122,7 @@ export class VmSupervisor {
   private ticker: NodeJS.Timeout | undefined;
   private lastBackstopAt = 0;
   private leaseBusy = false;
+  private cleanupRunning = false;
   private readonly upWaiters = new Set<() => void>();
 
   constructor(private readonly options: VmSupervisorOptions) {
@@ -448,6 +449,8 @@ export class VmSupervisor {
   private async restoreBalloon(slot: Slot, targetBytes: number): Promise<void> {
     const ok = await this.applyRestore(targetBytes, "restore after a failed or cancelled migration");
     this.append(slot, { type: "cleanup", atMs: this.now(), action: "restore-balloon", ok: ok.ok, detail: ok.detail });
+    // The hypervisor went away in the meantime: try again when it is back.
+    if (!ok.ok) this.pendingCleanup = { id: slot.record.id, cancelQemu: false, restoreBalloonBytes: targetBytes };
     this.recordBalloon(slot);
   }
 
@@ -557,8 +560,20 @@ export class VmSupervisor {
   /** Work left by a migration that ended while the hypervisor was away. */
   private async runPendingCleanup(): Promise<void> {
     const c = this.pendingCleanup;
-    if (!c) return;
-    this.pendingCleanup = undefined;
+    if (!c || this.cleanupRunning) return;
+    this.cleanupRunning = true;
+    try {
+      // Kept until it succeeded: a drop in the middle leaves it for the next reconnect.
+      if (await this.cleanupOnce(c)) {
+        if (this.pendingCleanup === c) this.pendingCleanup = undefined;
+      }
+    } finally {
+      this.cleanupRunning = false;
+    }
+  }
+
+  /** One attempt at a pending cleanup; true when nothing is left to do. */
+  private async cleanupOnce(c: { id: string; cancelQemu: boolean; restoreBalloonBytes: number }): Promise<boolean> {
     const note = (action: string, ok: boolean, detail: string) => {
       try {
         this.store.append(c.id, { type: "cleanup", atMs: this.now(), action, ok, detail });
@@ -566,28 +581,33 @@ export class VmSupervisor {
         this.log.error({ err: errorMessage(err) }, "could not write the migration log");
       }
     };
-    let status = "unknown";
+    let status: string;
     try {
       status = (await this.driver.queryMigration()).status;
     } catch (err) {
-      this.log.warn({ err: errorMessage(err) }, "query-migrate failed during cleanup");
+      this.log.warn({ err: errorMessage(err) }, "query-migrate failed during cleanup; will retry at the next reconnect");
+      return false;
     }
     if (c.cancelQemu && (status === "active" || status === "setup" || status === "pre-switchover" || status === "device")) {
       try {
         await this.driver.cancelMigration();
         note("cancel-qemu-migration", true, `QEMU's migration was ${status}; cancelled`);
+        c.cancelQemu = false;
       } catch (err) {
         note("cancel-qemu-migration", false, errorMessage(err));
+        return false;
       }
-    } else if (status === "completed" || status.startsWith("postcopy")) {
+    } else if (c.cancelQemu && (status === "completed" || status.startsWith("postcopy"))) {
       // The guest moved on while we were away: it runs on the destination, whose coordinator owns its balloon now.
       note("found-migrated", true, `the source QEMU reports ${status}: the guest left this host while the hypervisor was unreachable`);
-      return;
+      return true;
     }
     if (c.restoreBalloonBytes > 0) {
       const res = await this.applyRestore(c.restoreBalloonBytes, "restore after a migration that ended while the hypervisor was away");
       note("restore-balloon", res.ok, res.detail);
+      return res.ok;
     }
+    return true;
   }
 
   // ---- the agent ----------------------------------------------------------------

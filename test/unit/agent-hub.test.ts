@@ -135,11 +135,8 @@ describe("AgentHub sessions", () => {
     b.client.close();
   });
 
-  // Known bug (coordinator/agent-hub.ts, not fixed here): the hub attaches the link to the supervisor
-  // before it sends Welcome and Policy, and attachAgent pushes the balloon state at once, so with a
-  // connected hypervisor a BalloonState is the first message on the wire. The agent tolerates it today.
-  // `it.fails`: this starts failing (and should become a plain `it`) once the hub sends Welcome first.
-  it.fails("sends Welcome before anything else also when the VM's hypervisor is up", async () => {
+  // The hub attaches the link only after Welcome and Policy: attachAgent pushes the balloon state at once.
+  it("sends Welcome before anything else also when the VM's hypervisor is up", async () => {
     const s = await session(shared, { msg: { case: "hello", value: { vmId: "agent-3", agentVersion: "t3" } } });
     const until = Date.now() + 5000;
     while (s.got.length < 3 && Date.now() < until) await new Promise((r) => setTimeout(r, 20));
