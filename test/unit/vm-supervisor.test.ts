@@ -451,6 +451,33 @@ describe("the hypervisor goes away mid-migration", { timeout: 10_000 }, () => {
   });
 });
 
+describe("the hypervisor goes away as the migration fails", { timeout: 10_000 }, () => {
+  it("the restore is kept and done when the hypervisor is back", async () => {
+    const h = harness({ driver: { balloonActualBytes: 900 * MiB } });
+    await upAndReady(h);
+    const link = new FakeLink();
+    h.sup.attachAgent(link);
+    link.talk(h.sup);
+    await h.sup.agentBalloonRequest(link, { targetBytes: 600 * MiB, reason: BalloonReason.STEADY_STATE, migrationId: "", detail: "t" });
+    const before = h.driver.balloonCalls.length;
+    // The destination refuses, and the source's QMP drops at that very moment.
+    (h.peer.client as unknown as { prepareIncoming: () => Promise<never> }).prepareIncoming = async () => {
+      h.driver.down("socket closed");
+      throw new Error("destination refused");
+    };
+    h.sup.startOutgoing(params({ strategy: BalloonStrategy.NONE }), "m-late");
+    const r = await h.sup.whenDone("m-late");
+    expect(r.phase).toBe(Phase.FAILED);
+    expect(r.cleanups.some((c) => c.action === "restore-balloon" && c.ok)).toBe(false);
+    expect(h.driver.balloonCalls.length).toBe(before);
+
+    h.driver.migration = migrateStats("none");
+    h.driver.up();
+    await until(() => h.store.get("m-late").cleanups.some((c) => c.action === "restore-balloon" && c.ok), "the restore after the reconnect");
+    expect(h.driver.balloonCalls.at(-1)).toBe(600 * MiB);
+  });
+});
+
 // ---- restart resume -------------------------------------------------------------------------
 
 describe("resume after a coordinator restart", { timeout: 10_000 }, () => {
