@@ -245,6 +245,7 @@ export class LibvirtDriver implements HypervisorDriver {
     // the job-completed event is where its final numbers are.
     const events = this.spawnVirsh(["event", "--domain", this.options.domain, "--event", "job-completed", "--timeout", "86400"]);
     await new Promise((r) => setTimeout(r, 300));
+    const startedAt = Date.now();
     const child = this.spawnVirsh(args);
     const out: Outgoing = { child, events, cancelRequested: false, exited: false, last: undefined, lastIteration: 0 };
     this.outgoing = out;
@@ -253,19 +254,24 @@ export class LibvirtDriver implements HypervisorDriver {
     let acceptedHook: (() => void) | undefined;
     const exit = child.then(async (r) => {
       let final: MigrateStats;
+      let from = "event";
       if (r.exitCode === 0) {
         const ev = await this.finalFromEvent(out);
+        if (!ev) from = out.last ? "last poll" : "nothing";
         final = ev ?? { ...(out.last ?? emptyMigrateStats("completed")), status: "completed", remainingBytes: 0 };
       } else {
+        from = "virsh migrate";
         const msg = cleanVirshError(r.stderr) || `virsh migrate exited with ${r.exitCode ?? r.signal}`;
         const status = out.cancelRequested && /cancel|abort/i.test(msg) ? "cancelled" : "failed";
         final = { ...(out.last ?? emptyMigrateStats(status)), status, errorDesc: msg };
         out.events?.kill();
       }
+      // libvirt's elapsed time when it gave none: a zero would read as "not final yet".
+      if (final.totalTimeMs === 0) final = { ...final, totalTimeMs: Math.max(1, Date.now() - startedAt) };
       // Only now: until the outcome is known, a poll that finds the source domain gone must not report `down`.
       this.lastFinal = final;
       out.exited = true;
-      this.log.info({ status: final.status, error: final.errorDesc || undefined, transferred: final.transferredBytes }, "virsh migrate ended");
+      this.log.info({ status: final.status, error: final.errorDesc || undefined, transferred: final.transferredBytes, numbersFrom: from }, "virsh migrate ended");
       // Never before startMigration resolved: a final status before `migrate-accepted` would be taken for an older migration's.
       const report = () => this.emit({ type: "migration-status", status: final.status });
       if (accepted) setTimeout(report, 0);
@@ -317,7 +323,7 @@ export class LibvirtDriver implements HypervisorDriver {
       out.last = s;
       return s;
     }
-    if (out && this.lastFinal) return this.lastFinal;
+    if (out?.exited && this.lastFinal) return this.lastFinal;
     // Destination, or a source that is not migrating.
     let st: DomState;
     try {

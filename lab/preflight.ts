@@ -13,7 +13,7 @@
 import { FailedPreconditionError, errorMessage } from "../shared/errors.js";
 import { silentLogger, type Logger } from "../shared/logger.js";
 import { isStaticElf } from "./elf.js";
-import { findCommand, isRoot, run } from "./host-exec.js";
+import { findCommand, isRoot, run, runSync } from "./host-exec.js";
 
 /** A host command the lab runs, the Debian package that provides it, and why it is needed. */
 export interface HostTool {
@@ -132,4 +132,53 @@ export function aptEnv(): NodeJS.ProcessEnv {
 
 function describe(tools: readonly MissingTool[]): string {
   return tools.map((m) => `${m.command}${m.problem ? ` (${m.problem})` : ""} from package ${m.pkg} (${m.why})`).join(", ");
+}
+
+/**
+ * The libvirt lab's packages (lab/libvirt-lab.ts): the daemon, its QEMU
+ * driver and virsh. Not `libvirt-daemon-system`: it pulls in systemd-sysv,
+ * which replaces init. This minimal set ships no config files and no
+ * `libvirt-qemu` user; the libvirt lab writes its own configs.
+ */
+export const LIBVIRT_PACKAGES: readonly string[] = ["libvirt-daemon", "libvirt-daemon-driver-qemu", "libvirt-clients"];
+
+/** The packages of {@link LIBVIRT_PACKAGES} that dpkg does not report installed. */
+export function missingLibvirtPackages(): string[] {
+  return LIBVIRT_PACKAGES.filter((p) => {
+    try {
+      return !runSyncQuiet("dpkg-query", ["-W", "-f=${Status}", p]).includes("install ok installed");
+    } catch {
+      return true;
+    }
+  });
+}
+
+/**
+ * Makes sure the libvirt lab's packages are installed (after the QEMU lab's,
+ * {@link ensureHostPackages}), installing what is missing as root. Returns
+ * the packages it installed.
+ */
+export async function ensureLibvirtPackages(options: HostPackagesOptions = {}): Promise<string[]> {
+  const installed = await ensureHostPackages(options);
+  const missing = missingLibvirtPackages();
+  if (missing.length === 0) return installed;
+  const installCommand = `apt-get install -y --no-install-recommends ${missing.join(" ")}`;
+  if (!isRoot()) {
+    throw new FailedPreconditionError(`preflight: the libvirt lab needs ${missing.join(", ")} and root to run two libvirt daemons; install them first: ${installCommand}`);
+  }
+  const progress = (step: string) => options.onProgress?.(step);
+  try {
+    await updatePackageLists(progress);
+    progress(`installing packages: ${missing.join(" ")}`);
+    await run("apt-get", ["install", "-y", "--no-install-recommends", ...missing], { env: aptEnv(), context: "preflight" });
+  } catch (err) {
+    throw new FailedPreconditionError(`preflight: could not install ${missing.join(" ")}: ${errorMessage(err).replace(/^preflight: /, "")}`);
+  }
+  const still = missingLibvirtPackages();
+  if (still.length > 0) throw new FailedPreconditionError(`preflight: still missing after ${installCommand}: ${still.join(", ")}`);
+  return [...installed, ...missing];
+}
+
+function runSyncQuiet(command: string, args: string[]): string {
+  return runSync(command, args, "preflight");
 }
