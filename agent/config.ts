@@ -33,8 +33,6 @@ export interface AgentConfig {
   reportIntervalMs: number;
   /** Reclaim page cache before PREPARE inflation. Default true. */
   dropCaches: boolean;
-  /** Zero free memory after the PREPARE inflation, so it migrates as zero pages. Default false (see RuntimeOptions.zeroFree). */
-  zeroFree: boolean;
   /** pino level. Default "info". */
   logLevel: string;
   /** Policy tuning; `reserve` and `hardFloor` in the file and `--reserve` land here. */
@@ -52,7 +50,6 @@ export function defaultConfig(): AgentConfig {
     fastSampleIntervalMs: DEFAULT_RUNTIME_OPTIONS.fastSampleIntervalMs,
     reportIntervalMs: DEFAULT_RUNTIME_OPTIONS.reportEveryMs,
     dropCaches: DEFAULT_RUNTIME_OPTIONS.dropCaches,
-    zeroFree: DEFAULT_RUNTIME_OPTIONS.zeroFree,
     logLevel: "info",
     policy: { ...DEFAULT_POLICY_OPTIONS },
   };
@@ -68,7 +65,6 @@ const FILE_KEYS = [
   "fastSampleIntervalMs",
   "reportIntervalMs",
   "dropCaches",
-  "zeroFree",
   "logLevel",
   "reserve",
   "hardFloor",
@@ -81,14 +77,19 @@ const SIZE_TUNING = [
   "lowAvailableBytes",
   "bootReservedBaseBytes",
   "alignBytes",
-  "zeroMarginBytes",
-  "zeroMaxBytes",
-  "zeroChunkBytes",
-  "zeroMinBytes",
 ] as const;
 const INT_TUNING = ["shrinkHoldSamples", "refaultRateThreshold", "pressureCooldownMs", "minRateWindowMs"] as const;
 const FRACTION_TUNING = ["prepareActiveFileKeep", "bootReservedFraction"] as const;
 const PERCENT_TUNING = ["psiSomeThresholdPct"] as const;
+
+/** Settings of the removed zero-free feature: an old file that still has one gets told so, not just "unknown key". */
+const REMOVED_ZERO_FREE = "zeroing free memory after the PREPARE inflation was removed from the agent: measured, it saved nothing";
+const REMOVED_FILE_KEYS = ["zeroFree"];
+const REMOVED_TUNING_KEYS = ["zeroMarginBytes", "zeroMaxBytes", "zeroChunkBytes", "zeroMinBytes"];
+
+function rejectRemovedKeys(obj: Json, removed: readonly string[], where: string): void {
+  for (const key of removed) if (Object.hasOwn(obj, key)) throw new ConfigError(`${where}: "${key}" is no longer supported (${REMOVED_ZERO_FREE}); delete the key`);
+}
 
 function checkAddress(value: string, where: string): string {
   if (!/^[^\s:]+:\d{1,5}$/.test(value) && !/^\[[0-9a-fA-F:]+\]:\d{1,5}$/.test(value)) {
@@ -116,6 +117,7 @@ function fraction(obj: Json, key: string, where: string, fallback: number, max: 
  */
 export function applyConfigObject(base: AgentConfig, value: unknown, where: string): AgentConfig {
   const obj = asObject(value, where);
+  rejectRemovedKeys(obj, REMOVED_FILE_KEYS, where);
   rejectUnknownKeys(obj, FILE_KEYS, where);
   const policy: PolicyOptions = { ...base.policy };
   policy.reserveBytes = sizeField(obj, "reserve", where, policy.reserveBytes);
@@ -123,6 +125,7 @@ export function applyConfigObject(base: AgentConfig, value: unknown, where: stri
   if (obj.tuning !== undefined) {
     const tw = `${where}.tuning`;
     const t = asObject(obj.tuning, tw);
+    rejectRemovedKeys(t, REMOVED_TUNING_KEYS, tw);
     rejectUnknownKeys(t, [...SIZE_TUNING, ...INT_TUNING, ...FRACTION_TUNING, ...PERCENT_TUNING], tw);
     for (const k of SIZE_TUNING) policy[k] = sizeField(t, k, tw, policy[k]);
     for (const k of INT_TUNING) policy[k] = optionalInt(t, k, tw, policy[k], k === "shrinkHoldSamples" ? 1 : 0, 86_400_000);
@@ -138,7 +141,6 @@ export function applyConfigObject(base: AgentConfig, value: unknown, where: stri
     fastSampleIntervalMs: optionalInt(obj, "fastSampleIntervalMs", where, base.fastSampleIntervalMs, 50, 60_000),
     reportIntervalMs: optionalInt(obj, "reportIntervalMs", where, base.reportIntervalMs, 0, 600_000),
     dropCaches: optionalBool(obj, "dropCaches", where, base.dropCaches),
-    zeroFree: optionalBool(obj, "zeroFree", where, base.zeroFree),
     logLevel: checkLevel(optionalString(obj, "logLevel", where, base.logLevel), `${where}.logLevel`),
     policy,
   };
@@ -170,7 +172,6 @@ export function runtimeOptionsOf(config: AgentConfig): RuntimeOptions {
     fastSampleIntervalMs: config.fastSampleIntervalMs,
     reportEveryMs: config.reportIntervalMs,
     dropCaches: config.dropCaches,
-    zeroFree: config.zeroFree,
   };
 }
 
@@ -195,7 +196,6 @@ Flags:
   --sample-interval-ms N    sample interval until the coordinator's Policy sets one (default 1000)
   --reserve SIZE            free headroom above watermark and hot file set (default 128MiB)
   --no-drop-caches          do not reclaim page cache before PREPARE
-  --zero-free               zero free memory after the PREPARE inflation (default off)
   --log-level LEVEL         fatal|error|warn|info|debug|trace|silent (default info)
 sample only:
   --ram SIZE                RAM size as QEMU sees it (default: estimated from MemTotal)
@@ -211,7 +211,6 @@ const FLAGS = {
   "sample-interval-ms": { type: "string" },
   reserve: { type: "string" },
   "no-drop-caches": { type: "boolean" },
-  "zero-free": { type: "boolean" },
   "log-level": { type: "string" },
   ram: { type: "string" },
   floor: { type: "string" },
@@ -224,6 +223,7 @@ function parseFlags(argv: readonly string[]) {
     return parseArgs({ args: [...argv], options: FLAGS, allowPositionals: true, strict: true });
   } catch (err) {
     // node:util names the offending flag, e.g. "Unknown option '--bogus'".
+    if (argv.includes("--zero-free")) throw new UsageError(`--zero-free is no longer supported (${REMOVED_ZERO_FREE}); drop the flag`);
     throw new UsageError(errorMessage(err));
   }
 }
@@ -277,7 +277,6 @@ export function parseCommand(argv: readonly string[], fileExists: (path: string)
   }
   if (values.reserve !== undefined) config.policy = { ...config.policy, reserveBytes: size("reserve", values.reserve) };
   if (values["no-drop-caches"]) config.dropCaches = false;
-  if (values["zero-free"]) config.zeroFree = true;
   if (values["log-level"] !== undefined) {
     if (!LOG_LEVELS.includes(values["log-level"])) throw new UsageError(`--log-level: expected one of ${LOG_LEVELS.join(", ")}`);
     config.logLevel = values["log-level"];

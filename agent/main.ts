@@ -10,7 +10,7 @@
 import { isEntryPoint } from "../shared/entry-point.js";
 import { BallastError, ConfigError, errorMessage } from "../shared/errors.js";
 import { createLogger, type Logger } from "../shared/logger.js";
-import { FreeMemoryZeroer, PageCacheReclaimer } from "./act.js";
+import { PageCacheReclaimer } from "./act.js";
 import { USAGE, parseCommand, runtimeOptionsOf, type AgentConfig, type Command } from "./config.js";
 import { UsageError } from "./errors.js";
 import {
@@ -131,19 +131,17 @@ async function runCommand(config: AgentConfig, io: MainIo): Promise<number> {
     log.warn({ err: errorMessage(err) }, "first sample incomplete");
   }
   const reclaimer = config.dropCaches ? new PageCacheReclaimer({ procRoot: config.procRoot, sysRoot: config.sysRoot }) : null;
-  const zeroer = config.zeroFree ? new FreeMemoryZeroer() : null;
   const session = new AgentSession({
     coordinator: config.coordinator,
     vmId: config.vmId,
     collector,
     reclaimer,
-    zeroer,
     runtime: runtimeOptionsOf(config),
     logger: log,
   });
   const systemd = new SystemdNotifier({ logger: log });
   log.info(
-    { version: AGENT_VERSION, coordinator: config.coordinator, vmId: config.vmId, reclaim: reclaimer?.method() ?? "off", zeroFree: config.zeroFree, systemd: systemd.enabled },
+    { version: AGENT_VERSION, coordinator: config.coordinator, vmId: config.vmId, reclaim: reclaimer?.method() ?? "off", systemd: systemd.enabled },
     "ballast-agent starting",
   );
   session.start();
@@ -157,7 +155,6 @@ async function runCommand(config: AgentConfig, io: MainIo): Promise<number> {
   await session.stop();
   return 0;
 }
-
 
 if (isEntryPoint(import.meta.url)) {
   main(process.argv.slice(2)).then(

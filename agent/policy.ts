@@ -73,18 +73,6 @@ export interface PolicyOptions {
   bootReservedFraction: number;
   /** Targets are rounded up to a multiple of this. Default 1 MiB. */
   alignBytes: number;
-  /**
-   * Zeroing free memory before migration (see {@link zeroFreePlan}): free
-   * memory always left untouched above the kswapd high watermark. Default
-   * 32 MiB, so the zeroing never wakes kswapd or enters direct reclaim.
-   */
-  zeroMarginBytes: number;
-  /** Most free memory zeroed in one PREPARE. Default 512 MiB. */
-  zeroMaxBytes: number;
-  /** Allocation unit of the zeroing; MemFree, MemAvailable and PSI are re-read between units. Default 64 MiB. */
-  zeroChunkBytes: number;
-  /** Less than this is not worth zeroing (it costs a process start). Default 8 MiB. */
-  zeroMinBytes: number;
 }
 
 /** The defaults, with the reasons given on {@link PolicyOptions}. */
@@ -104,10 +92,6 @@ export const DEFAULT_POLICY_OPTIONS: Readonly<PolicyOptions> = Object.freeze({
   bootReservedBaseBytes: 48 * MiB,
   bootReservedFraction: 0.02,
   alignBytes: MiB,
-  zeroMarginBytes: 32 * MiB,
-  zeroMaxBytes: 512 * MiB,
-  zeroChunkBytes: 64 * MiB,
-  zeroMinBytes: 8 * MiB,
 });
 
 /** What the coordinator told about the balloon (BalloonState); 0 or absent means unknown. */
@@ -475,108 +459,6 @@ export function restoreDecision(input: RestoreInput, bounds: Bounds, options: Po
   const decision: Decision = { reason: "restore", detail: `restore to ${why} -> ${mib(target)}` };
   if (target > input.currentBytes) decision.targetBytes = target;
   return decision;
-}
-
-/**
- * Free memory that may be held (zero-filled) for a moment without the guest
- * noticing: what stays above the kswapd high watermark plus a margin, and
- * what keeps MemAvailable at or above the pressure threshold. Never negative.
- *
- *   room = min(MemFree − highWatermark − zeroMargin, MemAvailable − lowAvailable)
- */
-export function zeroFreeRoom(sample: Sample, options: PolicyOptions = DEFAULT_POLICY_OPTIONS): number {
-  const m = sample.meminfo;
-  const aboveWatermark = m.memFree - sample.watermarks.highBytes - options.zeroMarginBytes;
-  const aboveLowAvailable = m.memAvailable - options.lowAvailableBytes;
-  return Math.max(0, Math.min(aboveWatermark, aboveLowAvailable));
-}
-
-/** How much free memory to zero before the migration starts, and in what units. */
-export interface ZeroPlan {
-  /** 0 means "do not zero". */
-  bytes: number;
-  chunkBytes: number;
-  detail: string;
-}
-
-function floorMiB(bytes: number): number {
-  return Math.max(0, Math.floor(bytes / MiB) * MiB);
-}
-
-/**
- * PREPARE, after the balloon has inflated: how much of the remaining free
- * memory to overwrite with zeros. Freed pages keep their old contents
- * (init_on_free is off), so QEMU sends them as normal pages; pages that were
- * allocated, written with zeros and freed again go back to the free list
- * zero-filled and migrate as "duplicate" (zero) pages for a few bytes each.
- *
- * The zeroing holds the memory while it works, so it is bounded by
- * {@link zeroFreeRoom} and `zeroMaxBytes`, and skipped under pressure or
- * when less than `zeroMinBytes` would be zeroed.
- */
-export function zeroFreePlan(sample: Sample, pressure: Pressure | undefined, options: PolicyOptions = DEFAULT_POLICY_OPTIONS): ZeroPlan {
-  const chunkBytes = Math.max(MiB, floorMiB(options.zeroChunkBytes));
-  if (pressure?.under) return { bytes: 0, chunkBytes, detail: `pressure (${pressure.reasons.join("; ")}): no zeroing` };
-  const m = sample.meminfo;
-  const room = zeroFreeRoom(sample, options);
-  const bytes = floorMiB(Math.min(room, options.zeroMaxBytes));
-  const detail =
-    `min(free ${mib(m.memFree)} - high wmark ${mib(sample.watermarks.highBytes)} - margin ${mib(options.zeroMarginBytes)},` +
-    ` available ${mib(m.memAvailable)} - low ${mib(options.lowAvailableBytes)}) = ${mib(room)}, cap ${mib(options.zeroMaxBytes)}`;
-  if (bytes < options.zeroMinBytes) return { bytes: 0, chunkBytes, detail: `${detail}: below ${mib(options.zeroMinBytes)}, no zeroing` };
-  return { bytes, chunkBytes, detail: `${detail} -> ${mib(bytes)}` };
-}
-
-/** Why the zeroing stopped ("sample": the caller could not take a reading). */
-export type ZeroStop = "done" | "room" | "pressure" | "sample";
-
-/** The next unit of a zeroing: `bytes` > 0 to go on, or a reason to stop. */
-export interface ZeroStep {
-  bytes: number;
-  stop?: ZeroStop;
-  detail: string;
-}
-
-/** Inputs of {@link nextZeroChunk}. */
-export interface ZeroProgress {
-  plannedBytes: number;
-  chunkBytes: number;
-  /** Zero-filled and still held. */
-  zeroedBytes: number;
-  /** The reading taken when the zeroing started (after its helper was up). */
-  start: Sample;
-  /** A fresh reading; it already counts the memory held. */
-  now: Sample;
-}
-
-/**
- * Between two units of zeroing: go on only while the plan is not done, the
- * guest still has {@link zeroFreeRoom} for a whole unit of at least
- * `zeroMinBytes`, and nothing since the start looks like pressure: memory
- * PSI some over the window at or above the threshold, refaults or swap-ins at
- * or above the rate threshold, or an OOM kill.
- */
-export function nextZeroChunk(p: ZeroProgress, options: PolicyOptions = DEFAULT_POLICY_OPTIONS): ZeroStep {
-  const left = p.plannedBytes - p.zeroedBytes;
-  if (left < options.zeroMinBytes) return { bytes: 0, stop: "done", detail: `zeroed ${mib(p.zeroedBytes)} of ${mib(p.plannedBytes)}` };
-  const oomKills = delta(p.now.vmstat.oomKill, p.start.vmstat.oomKill);
-  if (oomKills > 0) return { bytes: 0, stop: "pressure", detail: `${oomKills} OOM kill(s) while zeroing` };
-  const dtMs = p.now.monotonicMs - p.start.monotonicMs;
-  if (dtMs >= options.minRateWindowMs) {
-    if (p.now.psi && p.start.psi) {
-      const pct = (delta(p.now.psi.some.totalUs, p.start.psi.some.totalUs) / (dtMs * 1000)) * 100;
-      if (pct >= options.psiSomeThresholdPct) return { bytes: 0, stop: "pressure", detail: `psi some ${pct.toFixed(1)}% while zeroing` };
-    }
-    const v = p.now.vmstat;
-    const s = p.start.vmstat;
-    const events = delta(v.workingsetRefaultFile, s.workingsetRefaultFile) + delta(v.workingsetRefaultAnon, s.workingsetRefaultAnon) + delta(v.pswpin, s.pswpin);
-    const rate = events / (dtMs / 1000);
-    if (rate >= options.refaultRateThreshold) return { bytes: 0, stop: "pressure", detail: `refaults ${Math.round(rate)}/s while zeroing` };
-  }
-  const room = zeroFreeRoom(p.now, options);
-  const bytes = floorMiB(Math.min(p.chunkBytes, left, room));
-  if (bytes < options.zeroMinBytes) return { bytes: 0, stop: "room", detail: `room ${mib(room)} after ${mib(p.zeroedBytes)}` };
-  return { bytes, detail: `next ${mib(bytes)} (room ${mib(room)}, left ${mib(left)})` };
 }
 
 function steadyDetail(e: MemoryEstimate): string {

@@ -10,10 +10,7 @@
  * In every phase: an incomplete sample never shrinks the guest, pressure
  * grows it at once, and no target leaves [floor, max].
  *
- * PREPARE, with zeroing on: reclaim → balloon request → wait (see
- * {@link onPrepareCheck}) until the balloon is within tolerance of the
- * request, stalls, or the deadline nears → zero free memory → PhaseAck.
- * Without zeroing the ack follows the request at once.
+ * PREPARE: reclaim clean page cache → balloon request → PhaseAck, at once.
  */
 import { Phase } from "../gen/ballast/v1/common_pb.js";
 import {
@@ -25,7 +22,6 @@ import {
   prepareDecision,
   prepareReclaimBytes,
   resolveBounds,
-  zeroFreePlan,
   restoreDecision,
   steadyDecision,
   type Bounds,
@@ -80,8 +76,6 @@ export interface RuntimeState {
   tracker: SteadyTracker;
   /** The previous tick's sample, for rates. */
   prev?: Sample;
-  /** A PREPARE whose ack waits for the balloon and the zeroing of free memory. */
-  prepareWait?: PrepareWait;
   /** The last sample reported to the coordinator (this attach); undefined: report the next one. */
   reported?: ReportedSample;
 }
@@ -90,20 +84,6 @@ export interface RuntimeState {
 export interface ReportedSample {
   monotonicMs: number;
   memAvailableBytes: number;
-}
-
-/** What a PREPARE waits on before its ack (wall-clock Unix ms, like the deadline). */
-export interface PrepareWait {
-  migrationId: string;
-  /** The PREPARE target requested. */
-  targetBytes: number;
-  /** The coordinator's deadline; undefined when it set none. */
-  deadlineUnixMs?: number;
-  sinceUnixMs: number;
-  /** Closest |actual − target| seen so far; undefined before the first BalloonState. */
-  bestDistanceBytes?: number;
-  /** When the balloon last came closer to the target (or the wait began). */
-  lastProgressUnixMs: number;
 }
 
 /** Options of the state machine. */
@@ -118,31 +98,8 @@ export interface RuntimeOptions {
   dropCaches: boolean;
   /** Upper bound on the time spent reclaiming before PREPARE's balloon request. Default 3000 ms (the rig's drop took 0.4–0.7 s). */
   maxReclaimMs: number;
-  /** The reclaim must end this long before the PREPARE deadline, leaving time for the ack. Default 500 ms. */
+  /** The reclaim must end this long before the PREPARE deadline, leaving time for the request and the ack. Default 500 ms. */
   reclaimMarginMs: number;
-  /**
-   * After the PREPARE inflation, overwrite most of the remaining free memory
-   * with zeros so it migrates as zero pages; the PREPARE ack then waits for
-   * the balloon and the zeroing (the session turns it off when it has no
-   * zeroer). Default false: on the rig's cache-heavy guest a dump of guest
-   * RAM after the inflation showed the free memory already zero (the
-   * balloon takes the recently freed pages, which hold the old data, and
-   * leaves never-touched ones), so zeroing saved nothing measurable and made
-   * PREPARE 1.4 s longer (helper start 0.25–0.37 s, 128 MiB filled in
-   * ~0.5 s, plus waiting for BalloonState). It pays off only when free
-   * memory after the inflation still holds old data.
-   */
-  zeroFree: boolean;
-  /** Longest the zeroing may take. Default 2000 ms. */
-  maxZeroMs: number;
-  /** Less time than this left before the deadline: skip the zeroing and ack. Default 300 ms (a helper process starts in 0.3–0.5 s on the rig). */
-  minZeroMs: number;
-  /** |BalloonState.actual − requested target| at or below this counts as reached. Default 8 MiB, as the coordinator's balloon controller. */
-  balloonToleranceBytes: number;
-  /** No step closer to the target for this long counts as stalled. Default 3000 ms, under the coordinator's 4000 ms so the ack is not late. */
-  balloonStallMs: number;
-  /** How often the session re-checks a waiting PREPARE when no BalloonState arrives. Default 250 ms. */
-  prepareCheckMs: number;
   /**
    * The agent decides on every sample but reports samples to the coordinator
    * (which shows them, nothing more) only this often in steady state, or at
@@ -171,12 +128,6 @@ export const DEFAULT_RUNTIME_OPTIONS: Readonly<RuntimeOptions> = Object.freeze({
   dropCaches: true,
   maxReclaimMs: 3000,
   reclaimMarginMs: 500,
-  zeroFree: false,
-  maxZeroMs: 2000,
-  minZeroMs: 300,
-  balloonToleranceBytes: 8 * 1024 * 1024,
-  balloonStallMs: 3000,
-  prepareCheckMs: 250,
   reportEveryMs: 5000,
   reportMemAvailableDeltaBytes: 32 * 1024 * 1024,
   reportMemAvailableDeltaFraction: 0.02,
@@ -187,7 +138,6 @@ export type Effect =
   | { kind: "report"; sample: Sample; estimate?: MemoryEstimate; why: string }
   | { kind: "reclaim"; bytes: number; budgetMs: number }
   | { kind: "balloon"; targetBytes: number; reason: DecisionReason; detail: string; migrationId: string }
-  | { kind: "zero"; bytes: number; chunkBytes: number; budgetMs: number; migrationId: string }
   | { kind: "ack"; migrationId: string; phase: Phase; targetBytes: number }
   | { kind: "log"; level: "debug" | "info" | "warn"; msg: string; data?: Record<string, unknown> };
 
@@ -332,12 +282,6 @@ function decideTick(state: RuntimeState, sample: Sample | undefined, v: View, op
   if (decision.targetBytes !== undefined) {
     effects.push({ kind: "log", level: "warn", msg: `memory pressure during ${state.phase}: growing`, data: { reasons: v.pressure.reasons } });
     next = { ...request(next, decision, state.migrationId, effects), tracker: freshTracker(sample.monotonicMs) };
-    const w = next.prepareWait;
-    if (w && decision.targetBytes !== undefined) {
-      // Pressure while PREPARE waits: no zeroing; ack now with the target in force.
-      delete next.prepareWait;
-      effects.push({ kind: "ack", migrationId: w.migrationId, phase: Phase.PREPARE, targetBytes: decision.targetBytes });
-    }
   }
   return { state: next, effects };
 }
@@ -357,6 +301,7 @@ export function onPhaseEvent(
   const v = view(state, sample, options);
   switch (event.phase) {
     case Phase.PREPARE: {
+      // A PREPARE seen again (a re-attach to the same host): answer it, but do not reclaim twice.
       const repeat = state.phase !== "steady" && state.migrationId === event.migrationId;
       let next: RuntimeState = { ...state, phase: "migrating", migrationId: event.migrationId };
       if (state.phase === "steady") next = withBefore(next, state.currentTargetBytes);
@@ -364,7 +309,6 @@ export function onPhaseEvent(
         // Answer with the target in force, so the coordinator migrates now instead of waiting out its deadline.
         const known = state.currentTargetBytes;
         effects.push({ kind: "log", level: "warn", msg: "PREPARE with an incomplete sample: giving nothing back" });
-        delete next.prepareWait;
         if (known !== undefined) next = request(next, { targetBytes: known, reason: "prepare", detail: "incomplete sample: keep the current target" }, event.migrationId, effects);
         effects.push({ kind: "ack", migrationId: event.migrationId, phase: event.phase, targetBytes: known ?? 0 });
         return { state: next, effects };
@@ -379,30 +323,19 @@ export function onPhaseEvent(
         else if (bytes > 0) effects.push({ kind: "log", level: "info", msg: "PREPARE deadline too close to reclaim first", data: { bytes } });
       }
       next = request(next, decision, event.migrationId, effects);
-      // A repeated PREPARE after the ack went out (re-attach to the same host) is answered at once, as before.
-      if (options.zeroFree && !v.pressure.under && !(repeat && !state.prepareWait)) {
-        // The ack waits: onPrepareCheck sends it once the balloon got there and free memory is zeroed.
-        const wait: PrepareWait = { migrationId: event.migrationId, targetBytes: target, sinceUnixMs: nowUnixMs, lastProgressUnixMs: nowUnixMs };
-        if (event.deadlineUnixMs && event.deadlineUnixMs > 0) wait.deadlineUnixMs = event.deadlineUnixMs;
-        next = { ...next, prepareWait: wait };
-        effects.push({ kind: "log", level: "debug", msg: "PREPARE: waiting for the balloon before zeroing free memory", data: { target } });
-        return { state: next, effects };
-      }
-      delete next.prepareWait;
+      // The ack follows the request at once: the coordinator watches the inflation itself.
       effects.push({ kind: "ack", migrationId: event.migrationId, phase: event.phase, targetBytes: target });
       return { state: next, effects };
     }
     case Phase.PRECOPY_PASS:
     case Phase.SWITCHOVER: {
       let next: RuntimeState = { ...state, phase: state.phase === "postcopy" ? "postcopy" : "migrating", migrationId: event.migrationId };
-      next = withoutPrepareWait(next, effects);
       if (state.phase === "steady") next = withBefore(next, state.currentTargetBytes);
       effects.push({ kind: "ack", migrationId: event.migrationId, phase: event.phase, targetBytes: 0 });
       return { state: next, effects };
     }
     case Phase.POSTCOPY_ACTIVE: {
       let next: RuntimeState = { ...state, phase: "postcopy", migrationId: event.migrationId };
-      next = withoutPrepareWait(next, effects);
       if (state.phase === "steady") next = withBefore(next, state.currentTargetBytes);
       // The guest may already be short of memory on arrival: check now, not one interval later.
       const decision = postcopyDecision(v.current, v.pressure, v.bounds, options.policy);
@@ -448,7 +381,7 @@ export function onWelcome(
 }
 
 function restore(state: RuntimeState, v: View, migrationId: string, effects: Effect[], options: RuntimeOptions): { state: RuntimeState; targetBytes: number } {
-  const reset: RuntimeState = withoutPrepareWait({ ...state, phase: "steady", migrationId: "", tracker: freshTracker(state.tracker.lastPressureMs) }, effects);
+  const reset: RuntimeState = { ...state, phase: "steady", migrationId: "", tracker: freshTracker(state.tracker.lastPressureMs) };
   delete reset.targetBeforePrepareBytes;
   // Knowing nothing, "restore" could name a target below what the guest has: ask for nothing.
   if (v.blind) return { state: reset, targetBytes: 0 };
@@ -463,65 +396,4 @@ function restore(state: RuntimeState, v: View, migrationId: string, effects: Eff
 function withBefore(state: RuntimeState, before: number | undefined): RuntimeState {
   if (before === undefined) return state;
   return { ...state, targetBeforePrepareBytes: before };
-}
-
-/** A later phase (or the end of the migration) makes a waiting PREPARE moot: the coordinator has moved on. */
-function withoutPrepareWait(state: RuntimeState, effects: Effect[]): RuntimeState {
-  if (!state.prepareWait) return state;
-  effects.push({ kind: "log", level: "info", msg: "PREPARE wait abandoned: the migration moved on", data: { migrationId: state.prepareWait.migrationId } });
-  const next = { ...state };
-  delete next.prepareWait;
-  return next;
-}
-
-/** Whether the session should call {@link onPrepareCheck} (on BalloonState and every prepareCheckMs). */
-export function awaitingPrepare(state: RuntimeState): boolean {
-  return state.prepareWait !== undefined;
-}
-
-/**
- * A waiting PREPARE, re-checked on every BalloonState and on a short timer.
- * The wait ends when BalloonState.actual is within `balloonToleranceBytes`
- * of the requested target, when it came no closer for `balloonStallMs`, or
- * when only `maxZeroMs` + `reclaimMarginMs` are left before the deadline.
- * Then: a "zero" effect sized by {@link zeroFreePlan} from `sample` (none
- * under pressure, on an incomplete sample, or with under `minZeroMs` left),
- * and the PREPARE ack.
- */
-export function onPrepareCheck(state: RuntimeState, sample: Sample | undefined, nowUnixMs: number, options: RuntimeOptions = DEFAULT_RUNTIME_OPTIONS): Step {
-  const w = state.prepareWait;
-  if (!w) return { state, effects: [] };
-  const effects: Effect[] = [];
-  const tracked: PrepareWait = { ...w };
-  const actual = state.balloon?.actualBytes ?? 0;
-  let distance: number | undefined;
-  if (actual > 0) {
-    distance = Math.abs(actual - w.targetBytes);
-    if (tracked.bestDistanceBytes === undefined || distance < tracked.bestDistanceBytes) {
-      tracked.bestDistanceBytes = distance;
-      tracked.lastProgressUnixMs = nowUnixMs;
-    }
-  }
-  const reached = distance !== undefined && distance <= options.balloonToleranceBytes;
-  const stalled = nowUnixMs - tracked.lastProgressUnixMs >= options.balloonStallMs;
-  const leftMs = w.deadlineUnixMs !== undefined ? w.deadlineUnixMs - nowUnixMs - options.reclaimMarginMs : Number.POSITIVE_INFINITY;
-  const deadlineNear = leftMs <= options.maxZeroMs;
-  if (!reached && !stalled && !deadlineNear) return { state: { ...state, prepareWait: tracked }, effects };
-
-  const why = reached ? "reached" : stalled ? "stalled" : "deadline near";
-  const budgetMs = Math.floor(Math.min(options.maxZeroMs, leftMs));
-  const data = { why, target: w.targetBytes, actual, waitedMs: nowUnixMs - w.sinceUnixMs };
-  if (!sample) {
-    effects.push({ kind: "log", level: "warn", msg: "PREPARE balloon wait over; incomplete sample: no zeroing", data });
-  } else if (budgetMs < options.minZeroMs) {
-    effects.push({ kind: "log", level: "info", msg: "PREPARE balloon wait over; too close to the deadline to zero free memory", data: { ...data, budgetMs } });
-  } else {
-    const plan = zeroFreePlan(sample, assessPressure(sample, state.prev, options.policy), options.policy);
-    effects.push({ kind: "log", level: "info", msg: "PREPARE balloon wait over", data: { ...data, zero: plan.bytes, detail: plan.detail } });
-    if (plan.bytes > 0) effects.push({ kind: "zero", bytes: plan.bytes, chunkBytes: plan.chunkBytes, budgetMs, migrationId: w.migrationId });
-  }
-  effects.push({ kind: "ack", migrationId: w.migrationId, phase: Phase.PREPARE, targetBytes: w.targetBytes });
-  const next = { ...state };
-  delete next.prepareWait;
-  return { state: next, effects };
 }

@@ -5,6 +5,7 @@
  * (no NOTIFY_SOCKET) every call is a no-op.
  */
 import { execFile } from "node:child_process";
+import { promisify } from "node:util";
 import type { Logger } from "../shared/logger.js";
 import { silentLogger } from "../shared/logger.js";
 import { errorMessage } from "../shared/errors.js";
@@ -20,10 +21,10 @@ export interface SystemdOptions {
   logger?: Logger;
 }
 
-function runNotify(args: string[]): Promise<void> {
-  return new Promise((resolve, reject) => {
-    execFile("systemd-notify", args, { timeout: 5000 }, (err) => (err ? reject(err) : resolve()));
-  });
+const execFileAsync = promisify(execFile);
+
+async function runNotify(args: string[]): Promise<void> {
+  await execFileAsync("systemd-notify", args, { timeout: 5000 });
 }
 
 /** Talks to the service manager, if there is one. */

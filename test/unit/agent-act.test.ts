@@ -3,9 +3,8 @@ import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "nod
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
-import { Actuator, FreeMemoryZeroer, PageCacheReclaimer, childProcessArena, type ZeroArena, type ZeroArenaFactory } from "../../agent/act.js";
-import type { ZeroStep } from "../../agent/policy.js";
-import type { Sample } from "../../agent/sample.js";
+import { Actuator, PageCacheReclaimer } from "../../agent/act.js";
+import { DeadlineError, withDeadline } from "../../agent/deadline.js";
 import type { SessionRequestInit } from "../../agent/wire.js";
 import { SystemdNotifier } from "../../agent/systemd.js";
 import { BalloonReason, Phase } from "../../gen/ballast/v1/common_pb.js";
@@ -95,172 +94,26 @@ describe("Actuator", () => {
   });
 });
 
-/** An arena that records what it was asked; `growMs` simulates the time a unit takes. */
-function fakeArena(opts: { startMs?: number; growMs?: number; failStart?: boolean; failGrowAt?: number } = {}) {
-  const log: string[] = [];
-  let held = 0;
-  const factory: ZeroArenaFactory = (signal) =>
-    new Promise<ZeroArena>((resolve, reject) => {
-      log.push("start");
-      signal.addEventListener("abort", () => log.push("start abandoned"));
-      setTimeout(() => {
-        if (opts.failStart) {
-          reject(new Error("spawn ENOENT"));
-          return;
-        }
-        resolve({
-          grow: async (bytes) => {
-            if (opts.failGrowAt !== undefined && log.filter((l) => l.startsWith("grow")).length === opts.failGrowAt) throw new Error("helper died");
-            log.push(`grow ${bytes / MiB}`);
-            await new Promise((r) => setTimeout(r, opts.growMs ?? 0));
-            held += bytes;
-          },
-          release: async () => {
-            log.push(`release ${held / MiB}`);
-            held = 0;
-          },
-        });
-      }, opts.startMs ?? 0);
-    });
-  return { factory, log };
-}
-
-const chunks = (sizes: number[]) => {
-  let i = 0;
-  return (): ZeroStep => {
-    const b = sizes[i++];
-    return b === undefined ? { bytes: 0, stop: "done", detail: "plan done" } : { bytes: b * MiB, detail: `unit ${i}` };
-  };
-};
-
-describe("FreeMemoryZeroer", () => {
-  it("asks before every unit, holds them all, then releases once", async () => {
-    const { factory, log } = fakeArena();
-    const asked: number[] = [];
-    const next = chunks([64, 64, 4]);
-    const r = await new FreeMemoryZeroer({ arena: factory }).zero(132 * MiB, 2000, (z) => (asked.push(z / MiB), next()));
-    expect(log).toEqual(["start", "grow 64", "grow 64", "grow 4", "release 132"]);
-    expect(asked).toEqual([0, 64, 128, 132]);
-    expect(r).toMatchObject({ plannedBytes: 132 * MiB, zeroedBytes: 132 * MiB, chunks: 3, stoppedBy: "done" });
+describe("withDeadline", () => {
+  it("settles like the work when it is in time", async () => {
+    await expect(withDeadline(Promise.resolve(7), 100, "x")).resolves.toBe(7);
+    await expect(withDeadline(Promise.reject(new Error("boom")), 100, "x")).rejects.toThrow("boom");
   });
 
-  it.each([
-    ["room", { bytes: 0, stop: "room", detail: "room 3 MiB" }],
-    ["pressure", { bytes: 0, stop: "pressure", detail: "psi" }],
-  ] as const)("stops when the check says %s, and still releases", async (stop, step) => {
-    const { factory, log } = fakeArena();
-    let n = 0;
-    const r = await new FreeMemoryZeroer({ arena: factory }).zero(200 * MiB, 2000, () => (n++ === 0 ? { bytes: 64 * MiB, detail: "" } : step));
-    expect(r.stoppedBy).toBe(stop);
-    expect(log).toEqual(["start", "grow 64", "release 64"]);
+  it("rejects with a DeadlineError naming the work; a late failure of the work is not an unhandled rejection", async () => {
+    let fail: (err: Error) => void = () => {};
+    const work = new Promise<void>((_, reject) => (fail = reject));
+    const t0 = performance.now();
+    const err = await withDeadline(work, 50, "the write").catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(DeadlineError);
+    expect((err as Error).message).toBe("the write did not finish within 50 ms");
+    expect(performance.now() - t0).toBeGreaterThanOrEqual(45);
+    fail(new Error("late"));
+    await new Promise((r) => setTimeout(r, 10));
   });
 
-  it("stops at the time budget, mid-unit included, and releases", async () => {
-    const { factory, log } = fakeArena({ growMs: 60 });
-    const r = await new FreeMemoryZeroer({ arena: factory }).zero(512 * MiB, 100, () => ({ bytes: 64 * MiB, detail: "" }));
-    expect(r.stoppedBy).toBe("budget");
-    expect(r.elapsedMs).toBeLessThan(400);
-    expect(log.at(-1)).toMatch(/^release/);
-  });
-
-  it("a helper slower to start than the budget is abandoned", async () => {
-    const { factory, log } = fakeArena({ startMs: 200 });
-    const r = await new FreeMemoryZeroer({ arena: factory }).zero(64 * MiB, 50, () => ({ bytes: 64 * MiB, detail: "" }));
-    expect(r).toMatchObject({ stoppedBy: "budget", zeroedBytes: 0 });
-    expect(log).toContain("start abandoned");
-    await new Promise((res) => setTimeout(res, 250));
-    // It came up after all: released at once, never grown.
-    expect(log).toEqual(["start", "start abandoned", "release 0"]);
-  });
-
-  it("abort (the migration moved on): stops and releases", async () => {
-    const { factory, log } = fakeArena({ growMs: 50 });
-    const ac = new AbortController();
-    setTimeout(() => ac.abort(), 80);
-    const r = await new FreeMemoryZeroer({ arena: factory }).zero(512 * MiB, 5000, () => ({ bytes: 8 * MiB, detail: "" }), ac.signal);
-    expect(r.stoppedBy).toBe("aborted");
-    expect(log.at(-1)).toMatch(/^release/);
-  });
-
-  it.each([
-    ["the helper cannot start", { failStart: true }, ["start", "start abandoned"]],
-    ["the helper dies", { failGrowAt: 1 }, ["start", "grow 8", "release 8"]],
-  ])("never throws: %s", async (_, opts, want) => {
-    const { factory, log } = fakeArena(opts);
-    const r = await new FreeMemoryZeroer({ arena: factory }).zero(64 * MiB, 2000, () => ({ bytes: 8 * MiB, detail: "" }));
-    expect(r.stoppedBy).toBe("error");
-    expect(log).toEqual(want);
-  });
-
-  it("the real helper process: small units, written, released by its exit", async () => {
-    const r = await new FreeMemoryZeroer({ arena: childProcessArena() }).zero(4 * MiB, 10_000, chunks([2, 2]));
-    expect(r).toMatchObject({ zeroedBytes: 4 * MiB, chunks: 2, stoppedBy: "done" });
-    expect(r.error).toBeUndefined();
-  });
-
-  it("the real helper process: a missing binary is an error, not a throw", async () => {
-    const r = await new FreeMemoryZeroer({ arena: childProcessArena({ execPath: "/nonexistent/node" }) }).zero(4 * MiB, 2000, chunks([2]));
-    expect(r.stoppedBy).toBe("error");
-  });
-});
-
-describe("Actuator: zeroing", () => {
-  const MB = (n: number) => n * MiB;
-  function reading(freeMiB: number): Sample {
-    return {
-      timestampMs: 0,
-      monotonicMs: 0,
-      meminfo: { memTotal: MB(959), memFree: MB(freeMiB), memAvailable: MB(freeMiB + 70), buffers: 0, cached: 0, activeFile: 0, inactiveFile: 0, anonPages: 0, mapped: 0, shmem: 0, dirty: 0, writeback: 0, swapTotal: 0, swapFree: 0 },
-      vmstat: { pgmajfault: 0, workingsetRefaultFile: 0, workingsetRefaultAnon: 0, pswpin: 0, pswpout: 0, oomKill: 0 },
-      watermarks: { minFreeBytes: MB(44), highBytes: MB(66), source: "zoneinfo" },
-      balloon: { source: "unknown" },
-    };
-  }
-
-  it("zeroes between the balloon request and the ack, re-reading memory before each unit", async () => {
-    const { factory, log } = fakeArena();
-    const order: string[] = [];
-    // Free memory falls as the helper holds more: 230 -> 166 -> 102 (room 132, 68, 4).
-    let free = 230;
-    const zeroer = new FreeMemoryZeroer({ arena: factory });
-    const act = new Actuator({
-      send: async (r) => void order.push(r.msg?.case ?? "?"),
-      reclaimer: null,
-      zeroer,
-      sample: () => {
-        order.push(`sample ${free}`);
-        const s = reading(free);
-        free -= 64;
-        return s;
-      },
-    });
-    expect(act.canZero).toBe(true);
-    await act.run([
-      { kind: "balloon", targetBytes: MB(465), reason: "prepare", detail: "d", migrationId: "m1" },
-      { kind: "zero", bytes: MB(132), chunkBytes: MB(64), budgetMs: 2000, migrationId: "m1" },
-      { kind: "ack", migrationId: "m1", phase: Phase.PREPARE, targetBytes: MB(465) },
-    ]);
-    expect(order).toEqual(["balloonRequest", "sample 230", "sample 166", "sample 102", "phaseAck"]);
-    expect(log).toEqual(["start", "grow 64", "grow 64", "release 128"]);
-  });
-
-  it("without a zeroer or a way to sample, a zero effect does nothing", async () => {
-    const sent: string[] = [];
-    for (const act of [
-      new Actuator({ send: async (r) => void sent.push(r.msg?.case ?? "?"), reclaimer: null }),
-      new Actuator({ send: async (r) => void sent.push(r.msg?.case ?? "?"), reclaimer: null, zeroer: new FreeMemoryZeroer({ arena: fakeArena().factory }) }),
-    ]) {
-      expect(act.canZero).toBe(false);
-      await act.run([{ kind: "zero", bytes: MB(100), chunkBytes: MB(64), budgetMs: 2000, migrationId: "m" }, { kind: "ack", migrationId: "m", phase: Phase.PREPARE, targetBytes: 0 }]);
-    }
-    expect(sent).toEqual(["phaseAck", "phaseAck"]);
-  });
-
-  it("an incomplete reading stops the zeroing", async () => {
-    const { factory, log } = fakeArena();
-    const act = new Actuator({ send: async () => undefined, reclaimer: null, zeroer: new FreeMemoryZeroer({ arena: factory }), sample: () => undefined });
-    await act.run([{ kind: "zero", bytes: MB(100), chunkBytes: MB(64), budgetMs: 2000, migrationId: "m" }]);
-    expect(log).toEqual(["start", "release 0"]);
+  it("a work that never settles: still rejects at the deadline", async () => {
+    await expect(withDeadline(new Promise(() => {}), 20, "forever")).rejects.toBeInstanceOf(DeadlineError);
   });
 });
 

@@ -4,7 +4,7 @@ import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
-import { applyConfigObject, defaultConfig, loadConfigFile, parseCommand, runtimeOptionsOf } from "../../agent/config.js";
+import { USAGE, applyConfigObject, defaultConfig, loadConfigFile, parseCommand, runtimeOptionsOf } from "../../agent/config.js";
 import { UsageError } from "../../agent/errors.js";
 import { main } from "../../agent/main.js";
 import { ConfigError } from "../../shared/errors.js";
@@ -155,19 +155,19 @@ describe("usage errors exit 2 with a clear message", () => {
 describe("config", () => {
   it("defaults", () => {
     const c = parseCommand(["run"], noFile);
-    expect(c).toMatchObject({ kind: "run", config: { coordinator: "10.0.2.100:50051", procRoot: "/proc", sysRoot: "/sys", sampleIntervalMs: 1000, reportIntervalMs: 5000, dropCaches: true, zeroFree: false, logLevel: "info" } });
+    expect(c).toMatchObject({ kind: "run", config: { coordinator: "10.0.2.100:50051", procRoot: "/proc", sysRoot: "/sys", sampleIntervalMs: 1000, reportIntervalMs: 5000, dropCaches: true, logLevel: "info" } });
     if (c.kind !== "run") throw new Error("unreachable");
     expect(c.config.policy.reserveBytes).toBe(128 * MiB);
     expect(c.config.vmId.length).toBeGreaterThan(0);
   });
 
   it("flags override the file, which overrides the defaults", () => {
-    const file = tmpFile("agent.json", JSON.stringify({ coordinator: "10.0.2.100:6000", vmId: "from-file", reserve: "192MiB", sampleIntervalMs: 500, reportIntervalMs: 0, tuning: { growStepBytes: "64MiB", psiSomeThresholdPct: 20, zeroMaxBytes: "256MiB" } }));
-    const c = parseCommand(["run", "--config", file, "--vm-id", "from-flag", "--no-drop-caches", "--zero-free", "--log-level", "debug", "--proc-root", "/p", "--sys-root", "/s"], noFile);
+    const file = tmpFile("agent.json", JSON.stringify({ coordinator: "10.0.2.100:6000", vmId: "from-file", reserve: "192MiB", sampleIntervalMs: 500, reportIntervalMs: 0, tuning: { growStepBytes: "64MiB", psiSomeThresholdPct: 20, alignBytes: "2MiB" } }));
+    const c = parseCommand(["run", "--config", file, "--vm-id", "from-flag", "--no-drop-caches", "--log-level", "debug", "--proc-root", "/p", "--sys-root", "/s"], noFile);
     if (c.kind !== "run") throw new Error("unreachable");
     expect(c.config).toMatchObject({ coordinator: "10.0.2.100:6000", vmId: "from-flag", sampleIntervalMs: 500, dropCaches: false, logLevel: "debug", procRoot: "/p", sysRoot: "/s" });
-    expect(c.config.policy).toMatchObject({ reserveBytes: 192 * MiB, growStepBytes: 64 * MiB, psiSomeThresholdPct: 20, zeroMaxBytes: 256 * MiB });
-    expect(runtimeOptionsOf(c.config)).toMatchObject({ sampleIntervalMs: 500, dropCaches: false, zeroFree: true, reportEveryMs: 0 });
+    expect(c.config.policy).toMatchObject({ reserveBytes: 192 * MiB, growStepBytes: 64 * MiB, psiSomeThresholdPct: 20, alignBytes: 2 * MiB });
+    expect(runtimeOptionsOf(c.config)).toMatchObject({ sampleIntervalMs: 500, dropCaches: false, reportEveryMs: 0 });
   });
 
   it("reads the default file only when it exists", () => {
@@ -180,7 +180,6 @@ describe("config", () => {
     [{ reserve: "a lot" }, "reserve"],
     [{ sampleIntervalMs: 10 }, "sampleIntervalMs"],
     [{ dropCaches: "yes" }, "dropCaches"],
-    [{ zeroFree: 1 }, "zeroFree"],
     [{ reportIntervalMs: -1 }, "reportIntervalMs"],
     [{ tuning: { prepareActiveFileKeep: 2 } }, "prepareActiveFileKeep"],
     [{ logLevel: "loud" }, "logLevel"],
@@ -188,6 +187,22 @@ describe("config", () => {
   ])("rejects %j", (obj, text) => {
     expect(() => applyConfigObject(defaultConfig(), obj, "/etc/ballast/agent.json")).toThrow(ConfigError);
     expect(() => applyConfigObject(defaultConfig(), obj, "/etc/ballast/agent.json")).toThrow(text);
+  });
+
+  it.each([
+    [{ zeroFree: true }, '/etc/ballast/agent.json: "zeroFree" is no longer supported'],
+    [{ zeroFree: false }, '/etc/ballast/agent.json: "zeroFree" is no longer supported'],
+    [{ tuning: { zeroMaxBytes: "256MiB" } }, '/etc/ballast/agent.json.tuning: "zeroMaxBytes" is no longer supported'],
+  ])("an old file with a zero-free setting: a clear error naming the file and the key (%j)", (obj, text) => {
+    expect(() => applyConfigObject(defaultConfig(), obj, "/etc/ballast/agent.json")).toThrow(ConfigError);
+    expect(() => applyConfigObject(defaultConfig(), obj, "/etc/ballast/agent.json")).toThrow(text);
+    expect(() => applyConfigObject(defaultConfig(), obj, "/etc/ballast/agent.json")).toThrow("delete the key");
+  });
+
+  it("the removed --zero-free flag: a usage error that says so", () => {
+    expect(() => parseCommand(["run", "--zero-free"], noFile)).toThrow(UsageError);
+    expect(() => parseCommand(["run", "--zero-free"], noFile)).toThrow("--zero-free is no longer supported");
+    expect(USAGE).not.toContain("zero");
   });
 
   it("names the file on invalid JSON", () => {

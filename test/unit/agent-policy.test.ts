@@ -14,9 +14,6 @@ import {
   resolveBounds,
   restoreDecision,
   steadyDecision,
-  nextZeroChunk,
-  zeroFreePlan,
-  zeroFreeRoom,
   type Bounds,
   type MemoryEstimate,
   type Pressure,
@@ -355,63 +352,6 @@ describe("PREPARE", () => {
     expect(mib(prepareReclaimBytes(e, s, 1024 * MiB, 465 * MiB))).toBe(382);
     expect(prepareReclaimBytes(e, s, 465 * MiB, 465 * MiB)).toBe(0);
     expect(prepareReclaimBytes(e, mk({ free: 900 }), 1024 * MiB, 465 * MiB)).toBe(0);
-  });
-});
-
-describe("zeroing free memory after the PREPARE inflation", () => {
-  // After the inflation: high watermark 66, margin 32, low-available threshold 64.
-  it.each([
-    // free, avail, -> room, plan
-    [230, 300, 132, 132], // free - wmark - margin binds
-    [230, 150, 86, 86], // MemAvailable - 64 binds (MemAvailable can sit below MemFree: it subtracts the watermarks)
-    [105, 300, 7, 0], // room below 8 MiB: not worth a helper process
-    [98, 300, 0, 0], // exactly at watermark + margin
-    [60, 300, 0, 0], // below the watermark: never negative
-    [900, 950, 802, 512], // a mostly free guest: capped at 512 MiB
-    [230.7, 300, 132.7, 132], // whole MiB only
-  ])("free %f, available %f MiB: room %f, zero %f", (free, avail, room, plan) => {
-    const s = mk({ free, avail });
-    expect(mib(zeroFreeRoom(s))).toBeCloseTo(room, 5);
-    const p = zeroFreePlan(s, assessPressure(s, undefined));
-    expect(mib(p.bytes)).toBe(plan);
-    expect(mib(p.chunkBytes)).toBe(64);
-    expect(p.detail).toContain("high wmark 66.0 MiB");
-  });
-
-  it("none under pressure", () => {
-    const s = mk({ free: 230, avail: 300, psiSome: 40 });
-    const p = zeroFreePlan(s, assessPressure(s, undefined));
-    expect(p.bytes).toBe(0);
-    expect(p.detail).toContain("pressure");
-  });
-
-  it("tuning: margin, cap, chunk, minimum", () => {
-    const o = { ...O, zeroMarginBytes: 0, zeroMaxBytes: 100 * MiB, zeroChunkBytes: 32 * MiB, zeroMinBytes: 1 * MiB };
-    const p = zeroFreePlan(mk({ free: 230, avail: 300 }), undefined, o);
-    expect({ bytes: mib(p.bytes), chunk: mib(p.chunkBytes) }).toEqual({ bytes: 100, chunk: 32 });
-  });
-
-  describe("between units: fresh reading, compared with the one at the start", () => {
-    const start = mk({ t: 0, free: 230, avail: 300, psiSomeTotalUs: 1_000_000 });
-    const step = (zeroedMiB: number, now: Partial<Shape>, planned = 132) =>
-      nextZeroChunk({ plannedBytes: planned * MiB, chunkBytes: 64 * MiB, zeroedBytes: zeroedMiB * MiB, start, now: mk({ free: 230 - zeroedMiB, avail: 300 - zeroedMiB, psiSomeTotalUs: 1_000_000, ...now }) });
-    it.each<[string, number, Partial<Shape>, number, string | undefined]>([
-      ["first unit: a whole chunk", 0, { t: 0 }, 64, undefined],
-      ["second unit", 64, { t: 300 }, 64, undefined],
-      ["the rest of the plan", 128, { t: 600 }, 0, "done"], // 4 MiB left < 8 MiB minimum
-      ["someone else took memory: only the room left", 64, { t: 300, free: 120, avail: 200 }, 22, undefined],
-      ["no room left", 64, { t: 300, free: 100, avail: 200 }, 0, "room"],
-      ["MemAvailable fell to the threshold", 64, { t: 300, avail: 70 }, 0, "room"],
-      ["PSI some over the window >= 10 %", 64, { t: 300, psiSomeTotalUs: 1_000_000 + 40_000 }, 0, "pressure"],
-      ["PSI some over the window just under 10 %", 64, { t: 300, psiSomeTotalUs: 1_000_000 + 29_000 }, 64, undefined],
-      ["refaults >= 500/s", 64, { t: 300, refaultFile: 200 }, 0, "pressure"],
-      ["an OOM kill", 64, { t: 50, oom: 1 }, 0, "pressure"],
-      ["a window too short for rates: no rate checks", 64, { t: 50, psiSomeTotalUs: 1_000_000 + 40_000, refaultFile: 200 }, 64, undefined],
-    ])("%s", (_, zeroed, now, bytes, stop) => {
-      const r = step(zeroed, now);
-      expect(mib(r.bytes)).toBe(bytes);
-      expect(r.stop).toBe(stop);
-    });
   });
 });
 

@@ -7,7 +7,6 @@ import {
   onBalloonState,
   onPhaseEvent,
   onPolicy,
-  onPrepareCheck,
   reportDue,
   onTick,
   onWelcome,
@@ -60,10 +59,7 @@ function mk(s: Partial<Shape> = {}): Sample {
 }
 
 const NOW = 1_700_000_000_000;
-/** The sequence without zeroing (the default): the ack follows the request at once. */
-const NO_ZERO = { ...DEFAULT_RUNTIME_OPTIONS, zeroFree: false };
-/** Zeroing on (opt-in). */
-const ZERO = { ...DEFAULT_RUNTIME_OPTIONS, zeroFree: true };
+const DEFAULTS = DEFAULT_RUNTIME_OPTIONS;
 const POLICY = { floorBytes: 300 * MiB, maxBytes: 1024 * MiB, sampleIntervalMs: 2000, steadyState: false };
 
 function attached(steadyState = false): RuntimeState {
@@ -78,7 +74,7 @@ const acks = (effects: Effect[]) => effects.flatMap((e) => (e.kind === "ack" ? [
 const ev = (phase: Phase, extra: { deadlineUnixMs?: number; migrationId?: string } = {}) => ({ migrationId: extra.migrationId ?? "m1", phase, pass: 0, ...extra });
 
 describe("PREPARE", () => {
-  it("by default (no zeroing): reclaims cache, then asks for the PREPARE target, then acks it", () => {
+  it("reclaims cache, then asks for the PREPARE target, then acks it in the same step", () => {
     const step = onPhaseEvent(attached(), ev(Phase.PREPARE, { deadlineUnixMs: NOW + 15_000 }), mk(), NOW);
     expect(kinds(step.effects)).toEqual(["reclaim", "balloon", "ack"]);
     expect(step.effects.find((e) => e.kind === "reclaim")).toMatchObject({ bytes: 382 * MiB, budgetMs: 3000 });
@@ -88,8 +84,8 @@ describe("PREPARE", () => {
   });
 
   it.each([
-    ["drop caches disabled", { ...NO_ZERO, dropCaches: false }, NOW + 15_000],
-    ["deadline too close", NO_ZERO, NOW + 400],
+    ["drop caches disabled", { ...DEFAULTS, dropCaches: false }, NOW + 15_000],
+    ["deadline too close", DEFAULTS, NOW + 400],
   ])("no reclaim when %s", (_, options, deadline) => {
     const step = onPhaseEvent(attached(), ev(Phase.PREPARE, { deadlineUnixMs: deadline }), mk(), NOW, options);
     expect(kinds(step.effects)).toEqual(["balloon", "ack"]);
@@ -129,126 +125,18 @@ describe("PREPARE", () => {
   });
 
   it("a repeated PREPARE (re-attach to the same host) re-acks without reclaiming again or forgetting the old target", () => {
-    const first = onPhaseEvent(attached(), ev(Phase.PREPARE), mk(), NOW, NO_ZERO);
-    const again = onWelcome(first.state, ev(Phase.PREPARE), mk(), NOW + 1000, NO_ZERO);
+    const first = onPhaseEvent(attached(), ev(Phase.PREPARE), mk(), NOW);
+    const again = onWelcome(first.state, ev(Phase.PREPARE), mk(), NOW + 1000);
     expect(kinds(again.effects)).toEqual(["balloon", "ack"]);
     expect(again.state.targetBeforePrepareBytes).toBe(1024 * MiB);
   });
-});
 
-describe("PREPARE with zeroing: request -> wait for the balloon -> zero free memory -> ack", () => {
-  const DEADLINE = NOW + 15_000;
-  // After the inflation: 230 MiB free (66 high watermark), 300 MiB available -> zero min(230-66-32, 300-64) = 132 MiB.
-  const inflated = mk({ t: 5000, free: 230, avail: 300, inactiveFile: 100 });
-  const balloonAt = (s: RuntimeState, actualMiB: number) => onBalloonState(s, { targetBytes: 465 * MiB, actualBytes: actualMiB * MiB, ramBytes: 1024 * MiB });
-  const zeros = (effects: Effect[]) => effects.flatMap((e) => (e.kind === "zero" ? [{ mib: e.bytes / MiB, chunk: e.chunkBytes / MiB, budgetMs: e.budgetMs }] : []));
-  const prepared = () => onPhaseEvent(attached(), ev(Phase.PREPARE, { deadlineUnixMs: DEADLINE }), mk(), NOW, ZERO);
-
-  it("PREPARE: reclaim and request, but no ack yet", () => {
-    const step = prepared();
-    expect(kinds(step.effects)).toEqual(["reclaim", "balloon"]);
-    expect(step.state.prepareWait).toMatchObject({ migrationId: "m1", targetBytes: 465 * MiB, deadlineUnixMs: DEADLINE });
-  });
-
-  it("the balloon on its way: keep waiting; within 8 MiB of the target: zero, then ack", () => {
-    let s = prepared().state;
-    const steps: string[][] = [];
-    for (const [actual, dt] of [[1024, 250], [800, 750], [600, 1250], [470, 1750]] as const) {
-      const step = onPrepareCheck(balloonAt(s, actual), inflated, NOW + dt);
-      steps.push(kinds(step.effects));
-      s = step.state;
-    }
-    expect(steps).toEqual([[], [], [], ["zero", "ack"]]);
-    expect(s.prepareWait).toBeUndefined();
-  });
-
-  it("the zero effect comes before the ack, sized from the sample, with the 2 s budget", () => {
-    const step = onPrepareCheck(balloonAt(prepared().state, 465), inflated, NOW + 2000);
-    expect(kinds(step.effects)).toEqual(["zero", "ack"]);
-    expect(zeros(step.effects)).toEqual([{ mib: 132, chunk: 64, budgetMs: 2000 }]);
-    expect(acks(step.effects)).toEqual([{ phase: Phase.PREPARE, target: 465, migrationId: "m1" }]);
-  });
-
-  it("a stalled balloon (no step closer for 3 s): zero and ack anyway", () => {
-    let s = onPrepareCheck(balloonAt(prepared().state, 700), inflated, NOW + 1000).state;
-    s = onPrepareCheck(balloonAt(s, 690), inflated, NOW + 2000).state;
-    // Oscillating near its limit is no progress.
-    expect(kinds(onPrepareCheck(balloonAt(s, 700), inflated, NOW + 4900).effects)).toEqual([]);
-    expect(kinds(onPrepareCheck(balloonAt(s, 700), inflated, NOW + 5000).effects)).toEqual(["zero", "ack"]);
-  });
-
-  it("no BalloonState at all: stalled after 3 s", () => {
-    const s = prepared().state;
-    const noBalloon = { ...s, balloon: { targetBytes: 0, actualBytes: 0, ramBytes: 1024 * MiB } };
-    expect(kinds(onPrepareCheck(noBalloon, inflated, NOW + 2999).effects)).toEqual([]);
-    expect(kinds(onPrepareCheck(noBalloon, inflated, NOW + 3000).effects)).toEqual(["zero", "ack"]);
-  });
-
-  it("the deadline nears (2 s budget + 0.5 s margin left) while the balloon still moves: zero and ack", () => {
-    // A slow, steadily moving balloon: never stalled.
-    let s = prepared().state;
-    let t = NOW;
-    for (let actual = 1000; t < DEADLINE - 2501; actual -= 20, t += 1000) {
-      const step = onPrepareCheck(balloonAt(s, actual), inflated, t);
-      expect(kinds(step.effects)).toEqual([]);
-      s = step.state;
-    }
-    const step = onPrepareCheck(balloonAt(s, 700), inflated, DEADLINE - 2500);
-    expect(kinds(step.effects)).toEqual(["zero", "ack"]);
-    expect(zeros(step.effects)[0]?.budgetMs).toBe(2000);
-  });
-
-  it("less than 2.5 s left: a shorter budget, ending 0.5 s before the deadline", () => {
-    const step = onPrepareCheck(balloonAt(prepared().state, 465), inflated, DEADLINE - 1500);
-    expect(zeros(step.effects)[0]?.budgetMs).toBe(1000);
-  });
-
-  it.each([
-    ["too close to the deadline to zero", DEADLINE - 700, inflated],
-    ["an incomplete sample", NOW + 2000, undefined],
-    ["memory pressure", NOW + 2000, mk({ t: 5000, free: 230, avail: 300, psiSome: 30 })],
-    ["too little room (free just above the watermark)", NOW + 2000, mk({ t: 5000, free: 100, avail: 300 })],
-  ])("no zeroing, ack only: %s", (_, now, sample) => {
-    const step = onPrepareCheck(balloonAt(prepared().state, 465), sample, now);
-    expect(kinds(step.effects)).toEqual(["ack"]);
-  });
-
-  it("pressure at PREPARE: grow and ack at once, no wait", () => {
-    let s = onBalloonState(attached(), { targetBytes: 500 * MiB, actualBytes: 500 * MiB, ramBytes: 1024 * MiB });
+  it("pressure while migrating after PREPARE: grows on the tick, never a second PREPARE ack", () => {
+    let s = onPhaseEvent(attached(), ev(Phase.PREPARE), mk(), NOW).state;
     s = onTick(s, mk({ t: 0 })).state;
-    const step = onPhaseEvent(s, ev(Phase.PREPARE), mk({ t: 1000, psiSome: 30 }), NOW, ZERO);
-    expect(kinds(step.effects)).toEqual(["balloon", "ack"]);
-    expect(step.state.prepareWait).toBeUndefined();
-  });
-
-  it("pressure while waiting: grow, ack at once, no zeroing", () => {
-    let s = onTick(prepared().state, mk({ t: 0 })).state;
     const step = onTick(s, mk({ t: 1000, refaultFile: 2000 }));
-    expect(kinds(step.effects)).toEqual(["report", "balloon", "ack"]);
-    expect(acks(step.effects)).toEqual([{ phase: Phase.PREPARE, target: 465 + 128, migrationId: "m1" }]);
-    s = step.state;
-    expect(s.prepareWait).toBeUndefined();
-    expect(onPrepareCheck(s, inflated, NOW + 2000).effects).toEqual([]);
-  });
-
-  it.each([Phase.PRECOPY_PASS, Phase.SWITCHOVER, Phase.POSTCOPY_ACTIVE, Phase.COMPLETED, Phase.CANCELLED])("phase %i while waiting: the wait is dropped, no PREPARE ack", (phase) => {
-    const step = onPhaseEvent(prepared().state, ev(phase), mk(), NOW + 1000, ZERO);
-    expect(step.state.prepareWait).toBeUndefined();
-    expect(acks(step.effects).filter((a) => a.phase === Phase.PREPARE)).toEqual([]);
-  });
-
-  it("a repeated PREPARE while waiting keeps waiting; after the ack it is answered at once", () => {
-    const again = onWelcome(prepared().state, ev(Phase.PREPARE), mk(), NOW + 1000, ZERO);
-    expect(kinds(again.effects)).toEqual(["balloon"]);
-    expect(again.state.prepareWait).toBeDefined();
-    const done = onPrepareCheck(balloonAt(again.state, 465), inflated, NOW + 2000, ZERO);
-    const third = onWelcome(done.state, ev(Phase.PREPARE), mk(), NOW + 3000, ZERO);
-    expect(kinds(third.effects)).toEqual(["balloon", "ack"]);
-  });
-
-  it("an incomplete sample at PREPARE: ack at once", () => {
-    const s = onBalloonState(attached(), { targetBytes: 800 * MiB, actualBytes: 800 * MiB, ramBytes: 1024 * MiB });
-    expect(kinds(onPhaseEvent(s, ev(Phase.PREPARE), undefined, NOW, ZERO).effects)).toEqual(["balloon", "ack"]);
+    expect(kinds(step.effects)).toEqual(["report", "balloon"]);
+    expect(balloons(step.effects)).toEqual([{ target: 465 + 128, reason: "demand", migrationId: "m1" }]);
   });
 });
 
