@@ -7,9 +7,10 @@
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { PhaseEventSchema, type Hello, type SessionRequest, type SessionResponseSchema } from "../gen/ballast/v1/agent_pb.js";
 import { BalloonReason, type MemorySample } from "../gen/ballast/v1/common_pb.js";
-import { InvalidArgumentError, NotFoundError, PermissionDeniedError, errorMessage } from "../shared/errors.js";
+import { InvalidArgumentError, NotFoundError, PermissionDeniedError, ResourceExhaustedError, errorMessage } from "../shared/errors.js";
 import type { BidiContext } from "../shared/grpc-adapter.js";
 import type { Logger } from "../shared/logger.js";
+import { LogLimiter, TokenBucket } from "../shared/rate-limit.js";
 import { withTimeout } from "../shared/retry.js";
 import { toNumber, toU64 } from "../shared/units.js";
 import type { MigrationDefaults } from "./config.js";
@@ -27,6 +28,10 @@ export interface AgentHubOptions {
   helloTimeoutMs?: number;
   /** Minimum gap between BalloonState pushes to one agent. Default 500 ms. */
   balloonPushMs?: number;
+  /** Sessions that may wait for their hello at once; more are refused. Default 64. */
+  maxAwaitingHello?: number;
+  /** Messages an agent may send per second (after a burst of twice that); more are dropped. Default 50. */
+  messagesPerSecond?: number;
 }
 
 /** Serves AgentService.Session for this host's VMs. */
@@ -36,11 +41,19 @@ export class AgentHub {
   private readonly balloonPushMs: number;
   private attached = 0;
   private detached = 0;
+  private awaitingHello = 0;
+  private readonly maxAwaitingHello: number;
+  private readonly messagesPerSecond: number;
+  private readonly messageBurst: number;
+  private readonly warnLimiter = new LogLimiter(10_000);
 
   constructor(private readonly options: AgentHubOptions) {
     this.log = options.logger.child({ component: "agent-hub" });
     this.helloTimeoutMs = options.helloTimeoutMs ?? 10_000;
     this.balloonPushMs = options.balloonPushMs ?? 500;
+    this.maxAwaitingHello = options.maxAwaitingHello ?? 64;
+    this.messagesPerSecond = options.messagesPerSecond ?? 50;
+    this.messageBurst = 2 * this.messagesPerSecond;
   }
 
   /** Number of attached agents. */
@@ -59,7 +72,17 @@ export class AgentHub {
    */
   async serve(ctx: BidiContext<SessionRequest, SessionResponseInit>, boundVm?: VmSupervisor): Promise<void> {
     const iterator = ctx[Symbol.asyncIterator]();
-    const first = await withTimeout(iterator.next(), this.helloTimeoutMs, () => new InvalidArgumentError(`no hello within ${this.helloTimeoutMs} ms`));
+    if (this.awaitingHello >= this.maxAwaitingHello) {
+      this.quietWarn(this.log, "*", "awaiting-hello", { limit: this.maxAwaitingHello }, "session refused: too many sessions have not said hello");
+      throw new ResourceExhaustedError(`too many agent sessions (${this.maxAwaitingHello}) have not said hello yet; try again later`);
+    }
+    this.awaitingHello++;
+    let first: IteratorResult<SessionRequest>;
+    try {
+      first = await withTimeout(iterator.next(), this.helloTimeoutMs, () => new InvalidArgumentError(`no hello within ${this.helloTimeoutMs} ms`));
+    } finally {
+      this.awaitingHello--;
+    }
     if (first.done) return;
     if (first.value.msg.case !== "hello") throw new InvalidArgumentError("the first session message must be hello");
     const hello = first.value.msg.value;
@@ -137,10 +160,19 @@ export class AgentHub {
       attached = true;
       this.attached++;
       log.info({ capabilities: hello.capabilities, bootId: hello.bootId }, "agent attached");
+      const budget = new TokenBucket(this.messageBurst, this.messagesPerSecond, Date.now());
+      let dropped = 0;
       const loop = (async () => {
         for (;;) {
           const next = await iterator.next();
           if (next.done) return "agent closed the stream";
+          if (!budget.take(Date.now())) {
+            // Over its budget the agent loses messages; far over it, its session.
+            dropped++;
+            this.quietWarn(log, vm.name, "flood", { dropped, perSecond: this.messagesPerSecond }, "agent messages dropped: over the per-session budget");
+            if (dropped >= 20 * this.messagesPerSecond) return `agent sent over ${dropped} messages beyond its budget`;
+            continue;
+          }
           this.onMessage(vm, link, next.value, log);
         }
       })();
@@ -183,7 +215,7 @@ export class AgentHub {
         const problem = checkSample(msg.msg.value);
         if (problem) {
           vm.agentAlive(link);
-          log.warn({ problem }, "sample refused");
+          this.quietWarn(log, vm.name, `sample:${problem}`, { problem }, "sample refused");
           return;
         }
         vm.agentSample(link, msg.msg.value);
@@ -195,12 +227,11 @@ export class AgentHub {
         try {
           targetBytes = toNumber(r.targetBytes);
         } catch {
-          log.warn({ reason: BalloonReason[r.reason] }, "balloon request refused: target out of range");
+          this.quietWarn(log, vm.name, "target-range", { reason: BalloonReason[r.reason] }, "balloon request refused: target out of range");
           return;
         }
-        void vm.agentBalloonRequest(link, { targetBytes, reason: r.reason, migrationId: r.migrationId, detail: r.detail }).then((v) => {
-          if (!v.accepted) log.warn({ targetBytes, reason: BalloonReason[r.reason], why: v.why }, "balloon request refused");
-        });
+        // Refusals are counted and logged (rate-limited) by the supervisor.
+        void vm.agentBalloonRequest(link, { targetBytes, reason: r.reason, migrationId: r.migrationId, detail: r.detail });
         return;
       }
       case "phaseAck":
@@ -208,11 +239,17 @@ export class AgentHub {
         return;
       case "hello":
         vm.agentAlive(link);
-        log.warn("duplicate hello ignored");
+        this.quietWarn(log, vm.name, "hello", {}, "duplicate hello ignored");
         return;
       default:
-        log.warn("empty session message ignored");
+        this.quietWarn(log, vm.name, "empty", {}, "empty session message ignored");
     }
+  }
+
+  /** A warning that hostile input can repeat at will: at most one line per VM and kind per 10 s. */
+  private quietWarn(log: Logger, vm: string, kind: string, fields: Record<string, unknown>, msg: string): void {
+    const suppressed = this.warnLimiter.admit(`${vm}:${kind}`, Date.now());
+    if (suppressed !== undefined) log.warn({ ...fields, suppressed }, msg);
   }
 }
 

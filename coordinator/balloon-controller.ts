@@ -136,9 +136,10 @@ export class BalloonController extends EventEmitter {
    * coalesced caller resolves with that value, because only the newest
    * estimate of the guest's need matters. `force` (PREPARE, restore) applies
    * at once and supersedes anything scheduled; superseded callers resolve
-   * with the forced value.
+   * with the forced value. `minIntervalMs` overrides the controller's
+   * interval for this call (agent grows use a shorter one than shrinks).
    */
-  async setTarget(bytes: number, opts?: { force?: boolean; reason?: string }): Promise<number> {
+  async setTarget(bytes: number, opts?: { force?: boolean; reason?: string; minIntervalMs?: number }): Promise<number> {
     if (this.disposed) throw new FailedPreconditionError("balloon controller is disposed");
     const clamped = this.clamp(bytes);
     const reason = opts?.reason;
@@ -156,7 +157,8 @@ export class BalloonController extends EventEmitter {
     }
 
     const now = performance.now();
-    if (!this.scheduled && now - this.lastApplyAt >= this.minIntervalMs) {
+    const interval = opts?.minIntervalMs ?? this.minIntervalMs;
+    if (!this.scheduled && now - this.lastApplyAt >= interval) {
       await this.apply(clamped, reason, false);
       return clamped;
     }
@@ -167,7 +169,7 @@ export class BalloonController extends EventEmitter {
         this.scheduled.waiters.push({ resolve, reject });
         return;
       }
-      const delay = Math.max(0, this.lastApplyAt + this.minIntervalMs - now);
+      const delay = Math.max(0, this.lastApplyAt + interval - now);
       const timer = setTimeout(() => this.runScheduled(), delay);
       this.scheduled = { timer, bytes: clamped, reason, waiters: [{ resolve, reject }] };
       this.log.debug({ targetBytes: clamped, delayMs: Math.round(delay), reason }, "balloon target coalesced");

@@ -21,6 +21,7 @@ import type { PeerService } from "../gen/ballast/v1/peer_pb.js";
 import { FailedPreconditionError, UnavailableError, errorMessage } from "../shared/errors.js";
 import type { Client } from "../shared/grpc-adapter.js";
 import type { Logger } from "../shared/logger.js";
+import { LogLimiter, TokenBucket } from "../shared/rate-limit.js";
 import { BACKOFF, retryPolicy } from "../shared/retry.js";
 import { MiB } from "../shared/units.js";
 import { BalloonController, type BalloonState } from "./balloon-controller.js";
@@ -99,6 +100,13 @@ export interface VmView {
   migrationId: string;
 }
 
+/** An agent may shrink its balloon this many times at once... */
+export const SHRINK_BURST = 3;
+/** ...and then this many times per second. */
+export const SHRINK_PER_SECOND = 0.5;
+/** Agent grows reach QEMU at most once per this many ms (coalesced to the newest target): a 250 ms pressure reaction. */
+export const GROW_GAP_MS = 250;
+
 /** Supervises one VM. */
 export class VmSupervisor {
   readonly name: string;
@@ -123,6 +131,9 @@ export class VmSupervisor {
   private lastBackstopAt = 0;
   private leaseBusy = false;
   private cleanupRunning = false;
+  private readonly shrinkBudget: TokenBucket;
+  private readonly refusedLog = new LogLimiter(10_000);
+  private readonly refusedCount = new Map<string, number>();
   private readonly upWaiters = new Set<() => void>();
 
   constructor(private readonly options: VmSupervisorOptions) {
@@ -136,6 +147,7 @@ export class VmSupervisor {
     this.readyTimeoutMs = options.readyTimeoutMs ?? 5000;
     this.backstopBytes = options.backstopAvailableBytes ?? 64 * MiB;
     this.leaseStartAt = this.now();
+    this.shrinkBudget = new TokenBucket(SHRINK_BURST, SHRINK_PER_SECOND, this.now());
     this.driver.onEvent((e) => this.onDriverEvent(e));
   }
 
@@ -677,16 +689,43 @@ export class VmSupervisor {
         migration: s ? { id: s.params.id, phase: s.phase, direction: s.params.direction } : undefined,
       },
     );
-    if (!verdict.accept) return { accepted: false, appliedBytes: 0, why: verdict.why };
+    if (!verdict.accept) return this.refuse(req, verdict.why);
+    // The agent's budget (a guest is untrusted): identical targets cost nothing; shrinks spend a token
+    // bucket; grows are never refused (safety wins) but reach QEMU at most once per GROW_GAP_MS,
+    // coalesced to the newest target, so 5000 requests cannot become 5000 QMP commands.
+    const current = ctl.targetBytes ?? ctl.actualBytes;
+    if (current !== undefined && verdict.targetBytes === current) return { accepted: true, appliedBytes: current, why: "" };
+    const grows = current === undefined || verdict.targetBytes > current;
+    if (!grows && !this.shrinkBudget.take(this.now())) {
+      return this.refuse(req, `rate limited: at most ${SHRINK_BURST} balloon shrinks at once and ${SHRINK_PER_SECOND} per second from the agent`);
+    }
     try {
-      const applied = await ctl.setTarget(verdict.targetBytes, { force: verdict.force, reason: BalloonReason[req.reason] });
+      const applied = await ctl.setTarget(verdict.targetBytes, {
+        force: !grows && req.reason === BalloonReason.PREPARE,
+        minIntervalMs: grows ? GROW_GAP_MS : undefined,
+        reason: BalloonReason[req.reason],
+      });
       this.log.info({ requested: req.targetBytes, applied, reason: BalloonReason[req.reason], detail: req.detail, phase: s ? Phase[s.phase] : undefined }, "balloon target set");
       if (s && req.reason === BalloonReason.PREPARE && req.migrationId === s.params.id) this.dispatch({ type: "prepare-requested", now: this.now() });
       if (this.slot && s) this.recordBalloon(this.slot);
       return { accepted: true, appliedBytes: applied, why: "" };
     } catch (err) {
-      return { accepted: false, appliedBytes: 0, why: errorMessage(err) };
+      return this.refuse(req, errorMessage(err));
     }
+  }
+
+  /** Counts a refused request and logs it, at most one line per kind of refusal per 10 s. */
+  private refuse(req: AgentBalloonRequest, why: string): { accepted: false; appliedBytes: 0; why: string } {
+    const kind = `${BalloonReason[req.reason] ?? req.reason}: ${why.replace(/\d+/g, "N")}`;
+    this.refusedCount.set(kind, (this.refusedCount.get(kind) ?? 0) + 1);
+    const suppressed = this.refusedLog.admit(kind, this.now());
+    if (suppressed !== undefined) this.log.warn({ targetBytes: req.targetBytes, reason: BalloonReason[req.reason], why, suppressed }, "balloon request refused");
+    return { accepted: false, appliedBytes: 0, why };
+  }
+
+  /** Refused agent balloon requests since start, by kind (for metrics and tests). */
+  refusedRequests(): ReadonlyMap<string, number> {
+    return this.refusedCount;
   }
 
   // ---- the tick: machine deadlines, the lease, the backstop -----------------------
@@ -739,11 +778,33 @@ function isFinalPhase(p: Phase): boolean {
   return p === Phase.COMPLETED || p === Phase.FAILED || p === Phase.CANCELLED;
 }
 
-/** A gRPC error's details without grpc-js's "9 FAILED_PRECONDITION:" prefix. */
+/**
+ * A pre-move failure's cause for the record, ending in its reason in
+ * parentheses, e.g. "... -incoming defer (FAILED_PRECONDITION)": ballastctl
+ * reads it back to exit with the refusal's code (README "CLI"). A peer's
+ * gRPC error shows its details without grpc-js internals (the "9
+ * FAILED_PRECONDITION: " prefix, an empty "Resolution note").
+ */
 function describeError(err: unknown): string {
-  if (typeof err === "object" && err !== null && "details" in err && typeof (err as { details: unknown }).details === "string") {
-    const d = (err as { details: string }).details;
-    if (d) return d;
+  const GRPC_NAMES = ["OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED"];
+  const clean = (text: string) =>
+    text
+      .replace(/^\d{1,2} [A-Z_]+: /, "")
+      .replace(/\.?\s*Resolution note:\s*$/, "")
+      .replace(/Resolution note: /, "resolution: ")
+      .replace(/Last error: (?:Error: )?/, "last error: ")
+      .replace(/^No connection established\b/, "no connection established")
+      .trim();
+  if (typeof err === "object" && err !== null) {
+    const e = err as { code?: unknown; details?: unknown; message?: unknown };
+    if (typeof e.code === "number" && typeof e.details === "string") {
+      const text = clean(e.details || errorMessage(err)).replace(/^peer: /, "");
+      const name = GRPC_NAMES[e.code];
+      return name && e.code !== 0 ? `${text} (${name})` : text;
+    }
+    if (typeof e.code === "string" && /^[a-z][a-z-]*$/.test(e.code)) {
+      return `${clean(errorMessage(err))} (${e.code.toUpperCase().replace(/-/g, "_")})`;
+    }
   }
-  return errorMessage(err);
+  return clean(errorMessage(err));
 }

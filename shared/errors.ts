@@ -15,10 +15,27 @@ export class BallastError extends Error {
   }
 }
 
-/** A request or config value is malformed. Maps to INVALID_ARGUMENT. */
+/** One bad field of a request: its proto field name (e.g. "downtime_limit_ms") and why. */
+export interface FieldViolation {
+  readonly field: string;
+  readonly description: string;
+}
+
+/**
+ * A request or config value is malformed. Maps to INVALID_ARGUMENT; the
+ * `violations` become a google.rpc.BadRequest in the status details.
+ */
 export class InvalidArgumentError extends BallastError {
-  constructor(message: string, options?: { cause?: unknown }) {
-    super("invalid-argument", message, options);
+  /** The request fields at fault, if the error is about a request; empty otherwise. */
+  readonly violations: readonly FieldViolation[];
+  constructor(message: string, options?: { cause?: unknown; violations?: readonly FieldViolation[] }) {
+    super("invalid-argument", message, options?.cause === undefined ? undefined : { cause: options.cause });
+    this.violations = options?.violations ?? [];
+  }
+
+  /** An error about one request field; the message is also the violation's description. */
+  static field(field: string, message: string): InvalidArgumentError {
+    return new InvalidArgumentError(message, { violations: [{ field, description: message }] });
   }
 }
 
@@ -84,5 +101,12 @@ export class PermissionDeniedError extends BallastError {
 export class CancelledError extends BallastError {
   constructor(message: string) {
     super("cancelled", message);
+  }
+}
+
+/** A caller exceeded a limit (sessions waiting for hello, a message budget). Maps to RESOURCE_EXHAUSTED. */
+export class ResourceExhaustedError extends BallastError {
+  constructor(message: string) {
+    super("resource-exhausted", message);
   }
 }

@@ -149,3 +149,48 @@ describe("AgentHub sessions", () => {
     }
   });
 });
+
+describe("AgentHub limits", () => {
+  let limited: AgentHub;
+  let server2: grpc.Server;
+  let address = "";
+  beforeAll(async () => {
+    limited = new AgentHub({ hostId: "h2", vms, defaults, logger, helloTimeoutMs: 700, maxAwaitingHello: 3, messagesPerSecond: 5 });
+    server2 = new grpc.Server();
+    addService(server2, AgentService, agentService({ vms, hub: limited, defaults } as unknown as Domain), toGrpcStatus);
+    address = await new Promise<string>((res, rej) =>
+      server2.bindAsync("127.0.0.1:0", grpc.ServerCredentials.createInsecure(), (e, p) => (e ? rej(e) : res(`127.0.0.1:${p}`))),
+    );
+  });
+  afterAll(() => server2.forceShutdown());
+
+  it("refuses sessions beyond the cap of those that have not said hello, and admits again once they time out", async () => {
+    const silent = await Promise.all([0, 1, 2].map(() => session(address, undefined)));
+    await new Promise((r) => setTimeout(r, 100));
+    const t0 = Date.now();
+    const extra = await session(address, undefined);
+    const err = await extra.done;
+    expect(err?.code).toBe(grpc.status.RESOURCE_EXHAUSTED);
+    expect(Date.now() - t0).toBeLessThan(500);
+    for (const s of silent) expect((await s.done)?.code).toBe(grpc.status.INVALID_ARGUMENT);
+    const later = await session(address, { msg: { case: "hello", value: { vmId: "agent-1", agentVersion: "late" } } });
+    const until = Date.now() + 3000;
+    while (later.got.length < 1 && Date.now() < until) await new Promise((r) => setTimeout(r, 20));
+    expect(later.got[0]?.msg.case).toBe("welcome");
+    later.stream.end();
+    await later.done;
+    for (const s of [...silent, extra, later]) s.client.close();
+  });
+
+  it("drops messages beyond the per-session budget and ends a session that floods", async () => {
+    const before = limited.detachedCount;
+    const s = await session(address, { msg: { case: "hello", value: { vmId: "agent-1", agentVersion: "flood" } } });
+    const sample = { msg: { case: "sample" as const, value: { memTotalBytes: 1000n, memFreeBytes: 200n, memAvailableBytes: 300n } } };
+    for (let i = 0; i < 400; i++) void s.stream.send(sample).catch(() => {});
+    const until = Date.now() + 5000;
+    while (limited.detachedCount === before && Date.now() < until) await new Promise((r) => setTimeout(r, 20));
+    expect(limited.detachedCount).toBe(before + 1);
+    await s.done;
+    s.client.close();
+  });
+});

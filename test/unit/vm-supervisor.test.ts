@@ -709,3 +709,55 @@ describe("agent balloon requests go through the guard", { timeout: 10_000 }, () 
     expect(link.pushes.at(-1)).toMatchObject({ actualBytes: 650 * MiB });
   });
 });
+
+// ---- the agent's balloon budget -------------------------------------------------------------------------
+
+describe("the agent's balloon budget", { timeout: 15_000 }, () => {
+  it("5000 alternating RESTORE requests reach QEMU only within the budget", async () => {
+    const h = harness({ driver: { balloonActualBytes: 900 * MiB } });
+    await upAndReady(h);
+    const link = new FakeLink();
+    h.sup.attachAgent(link);
+    const started = performance.now();
+    const results = await Promise.all(
+      Array.from({ length: 5000 }, (_, i) =>
+        h.sup.agentBalloonRequest(link, { targetBytes: (i % 2 === 0 ? 300 : 900) * MiB, reason: BalloonReason.RESTORE, migrationId: "", detail: "flood" }),
+      ),
+    );
+    await sleep(600);
+    const seconds = (performance.now() - started) / 1000;
+    // At most SHRINK_BURST shrinks plus the refill, and grows at most one per 250 ms (plus one), coalesced.
+    const shrinks = h.driver.balloonCalls.filter((b) => b < 900 * MiB).length;
+    expect(shrinks).toBeLessThanOrEqual(3 + Math.ceil(seconds * 0.5));
+    expect(h.driver.balloonCalls.length).toBeLessThanOrEqual(3 + Math.ceil(seconds * 0.5) + Math.ceil((seconds * 1000) / 250) + 1);
+    expect(results.filter((r) => !r.accepted && /rate limited/.test(r.why)).length).toBeGreaterThan(2000);
+    expect([...h.sup.refusedRequests().values()].reduce((a, b) => a + b, 0)).toBeGreaterThan(2000);
+    // Refusals are logged at most once per kind per 10 s.
+    expect(h.logs.filter((l) => l.msg === "balloon request refused").length).toBeLessThanOrEqual(2);
+  });
+
+  it("a grow under real pressure goes through within 250 ms even with the shrink budget spent", async () => {
+    const h = harness({ driver: { balloonActualBytes: 900 * MiB } });
+    await upAndReady(h);
+    const link = new FakeLink();
+    h.sup.attachAgent(link);
+    for (const t of [800, 700, 600, 500]) await h.sup.agentBalloonRequest(link, { targetBytes: t * MiB, reason: BalloonReason.STEADY_STATE, migrationId: "", detail: "" });
+    const refused = await h.sup.agentBalloonRequest(link, { targetBytes: 400 * MiB, reason: BalloonReason.STEADY_STATE, migrationId: "", detail: "" });
+    expect(refused.accepted).toBe(false);
+    const t0 = performance.now();
+    const v = await h.sup.agentBalloonRequest(link, { targetBytes: 1000 * MiB, reason: BalloonReason.DEMAND, migrationId: "", detail: "pressure" });
+    expect(v.accepted).toBe(true);
+    expect(performance.now() - t0).toBeLessThan(400);
+    expect(h.driver.balloonCalls.at(-1)).toBe(1000 * MiB);
+  });
+
+  it("the same target twice costs no QEMU command", async () => {
+    const h = harness({ driver: { balloonActualBytes: 900 * MiB } });
+    await upAndReady(h);
+    const link = new FakeLink();
+    h.sup.attachAgent(link);
+    await h.sup.agentBalloonRequest(link, { targetBytes: 700 * MiB, reason: BalloonReason.STEADY_STATE, migrationId: "", detail: "" });
+    for (let i = 0; i < 50; i++) await h.sup.agentBalloonRequest(link, { targetBytes: 700 * MiB, reason: BalloonReason.STEADY_STATE, migrationId: "", detail: "" });
+    expect(h.driver.balloonCalls).toEqual([700 * MiB]);
+  });
+});
