@@ -14,22 +14,37 @@ const ROOT = resolve(import.meta.dirname, "..");
 
 /** A running coordinator process. */
 export interface CoordinatorProcess {
+  /** host:port it serves on (the same after {@link CoordinatorProcess.restart} when the config fixes the port). */
   address: string;
   /** Agent listener addresses by VM name, as the coordinator logged them. */
   agents: Record<string, string>;
+  /** Every JSON log line of every run of this process, in order; a restart adds `{ lab: "restart" }` first. */
   logs: Record<string, unknown>[];
+  /** The config file it was started with. */
+  configFile: string;
+  /** PID of the current process (changes on restart). */
+  readonly pid: number;
+  /** Whether the current process is still running. */
+  readonly running: boolean;
+  /** SIGTERM, SIGKILL after 5 s. */
   stop(): Promise<void>;
+  /** `kill -9` by PID, as a crash would; resolves once it has exited. */
+  kill9(): Promise<void>;
+  /** Starts it again with the same config file (same ports, same stateDir) and waits until it serves. */
+  restart(): Promise<void>;
 }
 
-/** Writes `config` to `<dir>/<name>.json`, starts the coordinator and waits until it serves. */
-export async function startCoordinatorProcess(dir: string, name: string, config: Record<string, unknown>): Promise<CoordinatorProcess> {
-  const file = join(dir, `${name}.json`);
-  writeFileSync(file, JSON.stringify(config, null, 2));
+interface Spawned {
+  child: ChildProcess;
+  exited: Promise<void>;
+  serving: Promise<Record<string, unknown>>;
+}
+
+function spawnCoordinator(name: string, file: string, logs: Record<string, unknown>[]): Spawned {
   const child: ChildProcess = spawn(process.execPath, [join(ROOT, "dist/ballast-coordinator.mjs"), "serve", "--config", file], {
     stdio: ["ignore", "pipe", "pipe"],
     env: { ...process.env, LOG_LEVEL: "debug" },
   });
-  const logs: Record<string, unknown>[] = [];
   let stderr = "";
   child.stderr?.on("data", (b: Buffer) => (stderr += b.toString()));
   const exited = new Promise<void>((r) => child.on("exit", () => r()));
@@ -44,21 +59,55 @@ export async function startCoordinatorProcess(dir: string, name: string, config:
         logs.push({ raw: line });
       }
     });
-    child.on("exit", (code) => reject(new Error(`coordinator ${name} exited with ${code}: ${stderr}`)));
+    child.on("exit", (code, signal) => reject(new Error(`coordinator ${name} exited with ${code ?? signal}: ${stderr}`)));
   });
-  const rec = await serving;
-  return {
+  // A rejection after serving (the process ended later) is not an error here.
+  serving.catch(() => {});
+  return { child, exited, serving };
+}
+
+/** Writes `config` to `<dir>/<name>.json`, starts the coordinator and waits until it serves. */
+export async function startCoordinatorProcess(dir: string, name: string, config: Record<string, unknown>): Promise<CoordinatorProcess> {
+  const file = join(dir, `${name}.json`);
+  writeFileSync(file, JSON.stringify(config, null, 2));
+  const logs: Record<string, unknown>[] = [];
+  let cur = spawnCoordinator(name, file, logs);
+  const rec = await cur.serving;
+  const proc: CoordinatorProcess = {
     address: String(rec.address),
     agents: (rec.agents ?? {}) as Record<string, string>,
     logs,
+    configFile: file,
+    get pid() {
+      return cur.child.pid ?? 0;
+    },
+    get running() {
+      return cur.child.exitCode === null && cur.child.signalCode === null;
+    },
     async stop() {
-      if (child.exitCode !== null) return;
+      const { child, exited } = cur;
+      if (child.exitCode !== null || child.signalCode !== null) return;
       child.kill("SIGTERM");
       const t = setTimeout(() => child.kill("SIGKILL"), 5000);
       await exited;
       clearTimeout(t);
     },
+    async kill9() {
+      const { child, exited } = cur;
+      if (child.exitCode !== null || child.signalCode !== null) return;
+      process.kill(child.pid as number, "SIGKILL");
+      await exited;
+    },
+    async restart() {
+      if (proc.running) throw new Error(`coordinator ${name} is still running (pid ${proc.pid}); stop or kill9 it first`);
+      logs.push({ lab: "restart", at: Date.now() });
+      cur = spawnCoordinator(name, file, logs);
+      const r = await cur.serving;
+      proc.address = String(r.address);
+      proc.agents = (r.agents ?? {}) as Record<string, string>;
+    },
   };
+  return proc;
 }
 
 /** Runs `ballastctl` with args; resolves with exit code and output. */

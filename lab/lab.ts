@@ -9,7 +9,7 @@
  * coordinator agent port on 127.0.0.1, so after switchover the agent
  * re-attaches to the destination's coordinator, as between real hypervisors.
  */
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { MigrationMode, Phase } from "../gen/ballast/v1/common_pb.js";
@@ -22,6 +22,7 @@ import { silentLogger, type Logger } from "../shared/logger.js";
 import { freePorts } from "../shared/net.js";
 import { startCoordinatorProcess, waitForVm, type CoordinatorProcess } from "./coordinator-process.js";
 import { ensureGuestImage, type GuestImage } from "./guest-image.js";
+import { UnixProxy } from "./proxies.js";
 import { GuestShell } from "./serial-shell.js";
 import { startVm, vmPaths, type VmHandle } from "./vm.js";
 
@@ -48,6 +49,18 @@ export interface LabOptions {
   floor?: string;
   /** A prebuilt image; default: ensureGuestImage with dist/ballast-agent.mjs. */
   image?: GuestImage;
+  /**
+   * Each coordinator keeps its records in `<workDir>/state-<host>` (its
+   * `stateDir`), so a restarted coordinator finds them. Default true.
+   */
+  stateDir?: boolean;
+  /**
+   * Put a {@link UnixProxy} between each coordinator and its QEMU's QMP
+   * socket (the coordinator's `qmpSocket` is `<workDir>/<host>.qmpx`), so a
+   * test can cut or delay QMP, or rewrite the `migrate` URI; see
+   * {@link Lab.qmpProxies}. Default false.
+   */
+  qmpProxy?: boolean;
   /** Progress lines for people ("booting guest on host a"). */
   onProgress?: (step: string) => void;
   logger?: Logger;
@@ -62,6 +75,8 @@ export interface LabHost {
   vms: Client<typeof VmService>;
   /** The QEMU on this host, if one runs. */
   vm?: VmHandle;
+  /** The coordinator's stateDir, if the lab gave it one. */
+  stateDir?: string;
 }
 
 const VM_NAME = "vm1";
@@ -92,28 +107,42 @@ export class Lab {
       options.image ?? (await ensureGuestImage({ agentBundle: join(ROOT, "dist/ballast-agent.mjs"), onProgress: progress, logger: options.logger }));
     const ownsWorkDir = options.workDir === undefined;
     const workDir = options.workDir ?? mkdtempSync(join(tmpdir(), "blab-"));
-    const [portA, portB] = (await freePorts(2)) as [number, number];
+    // Fixed listen ports (not :0), so a restarted coordinator serves where its peers and clients expect it.
+    const [portA, portB, listenA, listenB] = (await freePorts(4)) as [number, number, number, number];
     progress("starting coordinators on host a and host b");
     const started: CoordinatorProcess[] = [];
+    const proxies: Partial<Record<HostName, UnixProxy>> = {};
     try {
-      const host = async (name: HostName, agentPort: number): Promise<LabHost> => {
+      const host = async (name: HostName, agentPort: number, listenPort: number): Promise<LabHost> => {
+        const qmpPath = vmPaths(workDir, name).qmpPath;
+        let qmpSocket = qmpPath;
+        if (options.qmpProxy) {
+          const proxy = await UnixProxy.start(join(resolve(workDir), `${name}.qmpx`), qmpPath);
+          proxies[name] = proxy;
+          qmpSocket = proxy.path;
+        }
+        const stateDir = options.stateDir === false ? undefined : join(resolve(workDir), `state-${name}`);
+        if (stateDir) mkdirSync(stateDir, { recursive: true });
         const coordinator = await startCoordinatorProcess(workDir, `coordinator-${name}`, {
           hostId: `host-${name}`,
-          listen: "127.0.0.1:0",
+          listen: `127.0.0.1:${listenPort}`,
+          ...(stateDir ? { stateDir } : {}),
           defaults: { steadyState: options.steadyState ?? false, sampleIntervalMs: options.sampleIntervalMs ?? 1000 },
-          vms: [{ name: VM_NAME, qmpSocket: vmPaths(workDir, name).qmpPath, agentId: VM_NAME, floor: options.floor ?? "256MiB", agentPort }],
+          vms: [{ name: VM_NAME, qmpSocket, agentId: VM_NAME, floor: options.floor ?? "256MiB", agentPort }],
         });
         started.push(coordinator);
         return {
           name,
           coordinator,
           agentPort,
+          stateDir,
           migrations: createClient(MigrationService, coordinator.address),
           vms: createClient(VmService, coordinator.address),
         };
       };
-      const hosts = { a: await host("a", portA), b: await host("b", portB) };
+      const hosts = { a: await host("a", portA, listenA), b: await host("b", portB, listenB) };
       const lab = new Lab(hosts, image, workDir, options, ownsWorkDir);
+      lab.qmpProxies = proxies;
       progress("booting the guest on host a");
       hosts.a.vm = await lab.startQemu("a", false);
       lab.shell = await GuestShell.connect(hosts.a.vm.serialPath, { logger: options.logger });
@@ -126,6 +155,7 @@ export class Lab {
       return lab;
     } catch (err) {
       await Promise.all(started.map((c) => c.stop()));
+      await Promise.all(Object.values(proxies).map((p) => p.close()));
       if (ownsWorkDir) rmSync(workDir, { recursive: true, force: true });
       throw err;
     }
@@ -134,6 +164,61 @@ export class Lab {
   /** The host the guest is not on. */
   get other(): HostName {
     return this.active === "a" ? "b" : "a";
+  }
+
+  /** The QMP proxies by host, with {@link LabOptions.qmpProxy}. */
+  qmpProxies: Partial<Record<HostName, UnixProxy>> = {};
+
+  /**
+   * Starts a QEMU on `name` (on the same sockets as before) and records it as
+   * that host's VM. Any QEMU still recorded there must have exited. For fault
+   * tests: e.g. a fresh plain running guest after the old one was killed.
+   */
+  async startQemuOn(name: HostName, incoming: boolean): Promise<VmHandle> {
+    const vm = await this.startQemu(name, incoming);
+    void vm.exited.then(() => this.exited.add(vm));
+    this.hosts[name].vm = vm;
+    return vm;
+  }
+
+  /** Whether a QEMU handle's process has exited. */
+  hasExited(vm: VmHandle): boolean {
+    return this.exited.has(vm);
+  }
+
+  /**
+   * Attaches the shell to `name`'s QEMU (after a migration the lab did not
+   * drive, or a fresh QEMU) and makes it the active host. Does not stop
+   * anything. Waits for the shell to answer.
+   */
+  async useHost(name: HostName, readyTimeoutMs = 60_000): Promise<void> {
+    const vm = this.hosts[name].vm;
+    if (!vm) throw new FailedPreconditionError(`lab: no QEMU on host ${name}`);
+    this.active = name;
+    await this.moveShellTo(vm);
+    await this.shell.ready(readyTimeoutMs);
+  }
+
+  /** Moves the shell to `name`'s QEMU without changing the active host (e.g. to the destination during post-copy). */
+  async attachShell(name: HostName): Promise<GuestShell> {
+    const vm = this.hosts[name].vm;
+    if (!vm) throw new FailedPreconditionError(`lab: no QEMU on host ${name}`);
+    await this.moveShellTo(vm);
+    return this.shell;
+  }
+
+  /**
+   * Kills `name`'s coordinator with SIGKILL and starts it again with the same
+   * config (same ports, same stateDir). `betweenMs` is how long it stays down.
+   */
+  async crashCoordinator(name: HostName, opts: { betweenMs?: number; restart?: boolean } = {}): Promise<void> {
+    const co = this.hosts[name].coordinator;
+    await co.kill9();
+    this.log.info({ host: name }, "coordinator killed with SIGKILL");
+    if (opts.restart === false) return;
+    if (opts.betweenMs) await new Promise((r) => setTimeout(r, opts.betweenMs));
+    await co.restart();
+    this.log.info({ host: name, pid: co.pid }, "coordinator restarted");
   }
 
   private startQemu(name: HostName, incoming: boolean): Promise<VmHandle> {
@@ -263,6 +348,7 @@ export class Lab {
     }
     await Promise.all(Object.values(this.hosts).map(async (h) => h.vm?.stop()));
     await Promise.all(Object.values(this.hosts).map((h) => h.coordinator.stop()));
+    await Promise.all(Object.values(this.qmpProxies).map((p) => p?.close()));
     if (this.ownsWorkDir) rmSync(this.workDir, { recursive: true, force: true });
   }
 }
