@@ -8,6 +8,7 @@ import { parseArgs } from "node:util";
 import { ConfigError, errorMessage } from "../shared/errors.js";
 import { asObject, optionalBool, optionalInt, optionalString, rejectUnknownKeys, sizeField, type Json } from "../shared/strict-config.js";
 import { parseSize } from "../shared/units.js";
+import { CHANNEL_KINDS, type ChannelKind } from "./channel.js";
 import { UsageError } from "./errors.js";
 import { DEFAULT_POLICY_OPTIONS, type PolicyOptions } from "./policy.js";
 import { DEFAULT_RUNTIME_OPTIONS, type RuntimeOptions } from "./runtime.js";
@@ -17,8 +18,12 @@ export const DEFAULT_CONFIG_PATH = "/etc/ballast/agent.json";
 
 /** The merged configuration. */
 export interface AgentConfig {
-  /** Coordinator address, host:port. Default "10.0.2.100:50051" (the slirp guestfwd address). */
+  /** Coordinator address, host:port, for the TCP channel. Default "10.0.2.100:50051" (the slirp guestfwd address). */
   coordinator: string;
+  /** Whether `coordinator` was set (flag or file): `channel: "auto"` falls back to TCP only then. */
+  coordinatorGiven: boolean;
+  /** How to reach the coordinator (agent/channel.ts). Default "auto": the virtio-serial port if present, else TCP if a coordinator was given. */
+  channel: ChannelKind;
   /** Hello.vm_id. Default: the guest's hostname. */
   vmId: string;
   /** Default "/proc". */
@@ -43,6 +48,8 @@ export interface AgentConfig {
 export function defaultConfig(): AgentConfig {
   return {
     coordinator: "10.0.2.100:50051",
+    coordinatorGiven: false,
+    channel: "auto",
     vmId: hostname(),
     procRoot: "/proc",
     sysRoot: "/sys",
@@ -58,6 +65,7 @@ export function defaultConfig(): AgentConfig {
 const LOG_LEVELS = ["fatal", "error", "warn", "info", "debug", "trace", "silent"];
 const FILE_KEYS = [
   "coordinator",
+  "channel",
   "vmId",
   "procRoot",
   "sysRoot",
@@ -98,6 +106,11 @@ function checkAddress(value: string, where: string): string {
   return value;
 }
 
+function checkChannel(value: string, where: string): ChannelKind {
+  if (!(CHANNEL_KINDS as readonly string[]).includes(value)) throw new ConfigError(`${where}: expected one of ${CHANNEL_KINDS.join(", ")}, got ${JSON.stringify(value)}`);
+  return value as ChannelKind;
+}
+
 function checkLevel(value: string, where: string): string {
   if (!LOG_LEVELS.includes(value)) throw new ConfigError(`${where}: expected one of ${LOG_LEVELS.join(", ")}, got ${JSON.stringify(value)}`);
   return value;
@@ -134,6 +147,8 @@ export function applyConfigObject(base: AgentConfig, value: unknown, where: stri
   }
   return {
     coordinator: checkAddress(optionalString(obj, "coordinator", where, base.coordinator), `${where}.coordinator`),
+    coordinatorGiven: base.coordinatorGiven || obj.coordinator !== undefined,
+    channel: checkChannel(optionalString(obj, "channel", where, base.channel), `${where}.channel`),
     vmId: optionalString(obj, "vmId", where, base.vmId),
     procRoot: optionalString(obj, "procRoot", where, base.procRoot),
     sysRoot: optionalString(obj, "sysRoot", where, base.sysRoot),
@@ -189,7 +204,9 @@ export const USAGE = `Usage:
 
 Flags:
   --config FILE             JSON config (default ${DEFAULT_CONFIG_PATH} if it exists; unknown keys are rejected)
-  --coordinator HOST:PORT   coordinator address (default 10.0.2.100:50051)
+  --channel KIND            auto|virtio-serial|tcp (default auto: the virtio-serial port
+                            org.ballast.agent.0 if the guest has it, else TCP to --coordinator)
+  --coordinator HOST:PORT   coordinator address for the TCP channel (default 10.0.2.100:50051)
   --vm-id ID                Hello.vm_id (default: hostname)
   --proc-root DIR           procfs root (default /proc)
   --sys-root DIR            sysfs root (default /sys)
@@ -205,6 +222,7 @@ sample only:
 const FLAGS = {
   config: { type: "string" },
   coordinator: { type: "string" },
+  channel: { type: "string" },
   "vm-id": { type: "string" },
   "proc-root": { type: "string" },
   "sys-root": { type: "string" },
@@ -260,6 +278,14 @@ export function parseCommand(argv: readonly string[], fileExists: (path: string)
   if (values.coordinator !== undefined) {
     try {
       config.coordinator = checkAddress(values.coordinator, "--coordinator");
+      config.coordinatorGiven = true;
+    } catch (err) {
+      throw new UsageError(errorMessage(err));
+    }
+  }
+  if (values.channel !== undefined) {
+    try {
+      config.channel = checkChannel(values.channel, "--channel");
     } catch (err) {
       throw new UsageError(errorMessage(err));
     }

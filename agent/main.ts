@@ -11,6 +11,7 @@ import { isEntryPoint } from "../shared/entry-point.js";
 import { BallastError, ConfigError, errorMessage } from "../shared/errors.js";
 import { createLogger, type Logger } from "../shared/logger.js";
 import { PageCacheReclaimer } from "./act.js";
+import { channelConnector, describeChannel } from "./channel.js";
 import { USAGE, parseCommand, runtimeOptionsOf, type AgentConfig, type Command } from "./config.js";
 import { UsageError } from "./errors.js";
 import {
@@ -131,8 +132,10 @@ async function runCommand(config: AgentConfig, io: MainIo): Promise<number> {
     log.warn({ err: errorMessage(err) }, "first sample incomplete");
   }
   const reclaimer = config.dropCaches ? new PageCacheReclaimer({ procRoot: config.procRoot, sysRoot: config.sysRoot }) : null;
+  const channel = { kind: config.channel, coordinatorGiven: config.coordinatorGiven, roots: { sysRoot: config.sysRoot }, logger: log };
   const session = new AgentSession({
     coordinator: config.coordinator,
+    connect: channelConnector(channel),
     vmId: config.vmId,
     collector,
     reclaimer,
@@ -141,12 +144,12 @@ async function runCommand(config: AgentConfig, io: MainIo): Promise<number> {
   });
   const systemd = new SystemdNotifier({ logger: log });
   log.info(
-    { version: AGENT_VERSION, coordinator: config.coordinator, vmId: config.vmId, reclaim: reclaimer?.method() ?? "off", systemd: systemd.enabled },
+    { version: AGENT_VERSION, channel: config.channel, uses: describeChannel(channel), coordinator: config.coordinator, vmId: config.vmId, reclaim: reclaimer?.method() ?? "off", systemd: systemd.enabled },
     "ballast-agent starting",
   );
   session.start();
   // Ready means "running", not "attached": the coordinator may be away for a long time and that is normal.
-  await systemd.ready(`attaching to ${config.coordinator}`);
+  await systemd.ready(`attaching (${describeChannel(channel)})`);
   const stopWatchdog = systemd.startWatchdog();
   await (io.stopSignal ?? stopOnSignal());
   log.info({}, "stopping");

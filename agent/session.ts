@@ -6,6 +6,10 @@
  * machine; keepalive, and re-attach with the project's one backoff
  * (shared/retry.ts `BACKOFF.attach`) whenever the stream breaks.
  *
+ * The transport is the connector's business (agent/channel.ts): a
+ * virtio-serial port with HTTP/2 over it (connect-node), or TCP with grpc-js.
+ * The session logic here is the same for both.
+ *
  * Why keepalive matters: after a live migration the guest's TCP connection is
  * dead on the destination and a receive-only stream never notices. With a
  * ~2 s keepalive the call fails with UNAVAILABLE about 1.5 s after resume; the
@@ -69,7 +73,11 @@ export interface SessionConnection {
   close(): void;
 }
 
-/** Opens one Session call to `coordinator` with these channel options. */
+/**
+ * Opens one Session call to `coordinator` with these channel options. May
+ * throw when there is nothing to open (then the attach counts as failed and
+ * backs off). agent/channel.ts has the virtio-serial connector.
+ */
 export type SessionConnector = (coordinator: string, channelOptions: grpc.ChannelOptions) => SessionConnection;
 
 /** The real connector: a grpc-js channel per attach. */
@@ -80,7 +88,7 @@ export const grpcConnector: SessionConnector = (coordinator, channelOptions) => 
 
 /** Options for {@link AgentSession}. */
 export interface AgentSessionOptions {
-  /** Coordinator address, host:port. */
+  /** Coordinator address, host:port, for the TCP connector; with another connector (the virtio-serial port) only a label for logs. */
   coordinator: string;
   /** Hello.vm_id. */
   vmId: string;
@@ -251,7 +259,14 @@ export class AgentSession {
    * `retrying` keeps a long coordinator outage from filling the guest's journal: only the first failure warns.
    */
   private async attachOnce(retrying: boolean): Promise<boolean> {
-    const connection = (this.opts.connect ?? grpcConnector)(this.opts.coordinator, { ...AGENT_CHANNEL_OPTIONS, ...this.opts.channelOptions });
+    let connection: SessionConnection;
+    try {
+      connection = (this.opts.connect ?? grpcConnector)(this.opts.coordinator, { ...AGENT_CHANNEL_OPTIONS, ...this.opts.channelOptions });
+    } catch (err) {
+      // No channel to open (the port is not there yet, the device failed): an attach that failed, backed off like any other.
+      if (!this.stopped) this.log[retrying ? "debug" : "warn"]({ err: errorMessage(err) }, "cannot open the agent channel");
+      return false;
+    }
     const attach = new Attach(++this.attachCount, connection.stream, this.opts.reclaimer ?? null, this.log);
     this.current = attach;
     const welcomeTimer = setTimeout(() => {
