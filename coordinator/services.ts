@@ -7,10 +7,10 @@ import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import type { AgentService, SessionResponseSchema } from "../gen/ballast/v1/agent_pb.js";
 import { MigrationStatsSchema } from "../gen/ballast/v1/common_pb.js";
 import type { MigrationService } from "../gen/ballast/v1/migration_pb.js";
-import type { PeerService } from "../gen/ballast/v1/peer_pb.js";
+import { PeerService } from "../gen/ballast/v1/peer_pb.js";
 import { VmSchema, type Vm, type VmService } from "../gen/ballast/v1/vm_pb.js";
-import { FailedPreconditionError, NotFoundError } from "../shared/errors.js";
-import type { ServiceImpl } from "../shared/grpc-adapter.js";
+import { FailedPreconditionError, InvalidArgumentError, NotFoundError } from "../shared/errors.js";
+import { createClient, type ServiceImpl } from "../shared/grpc-adapter.js";
 import { toU64 } from "../shared/units.js";
 import type { AgentHub } from "./agent-hub.js";
 import type { MigrationDefaults } from "./config.js";
@@ -75,12 +75,51 @@ async function streamRecord(domain: Domain, id: string, signal: AbortSignal, sen
   }
 }
 
+/** This coordinator's id for GetPeerInfo: random, one per Domain (one per running coordinator). */
+const coordinatorIds = new WeakMap<Domain, string>();
+function coordinatorId(domain: Domain): string {
+  let id = coordinatorIds.get(domain);
+  if (id === undefined) {
+    id = randomUUID();
+    coordinatorIds.set(domain, id);
+  }
+  return id;
+}
+
+/** How long the self-migration check waits for the destination's answer. */
+const PEER_INFO_DEADLINE_MS = 3000;
+
+/**
+ * Refuses a migration to this coordinator itself. Addresses cannot tell
+ * (0.0.0.0, localhost, a host name, a forwarded port all reach the same
+ * process), so the source asks the destination for its coordinator id and
+ * compares it with its own. A destination that cannot be asked (down, or
+ * an older coordinator without GetPeerInfo) is not refused here: PREPARE
+ * reaches it again and the migration record says why it failed.
+ */
+async function refuseSelfMigration(domain: Domain, destination: string, signal: AbortSignal): Promise<void> {
+  const peer = createClient(PeerService, destination);
+  let theirs: string;
+  try {
+    theirs = (await peer.getPeerInfo({}, { deadlineMs: PEER_INFO_DEADLINE_MS, signal })).coordinatorId;
+  } catch {
+    return;
+  } finally {
+    peer.close();
+  }
+  if (theirs === coordinatorId(domain)) {
+    throw InvalidArgumentError.field("destination", `--to ${destination} is this coordinator itself; name the destination host's coordinator`);
+  }
+}
+
 /** MigrationService for control planes. */
 export function migrationService(domain: Domain): ServiceImpl<typeof MigrationService> {
   return {
     async migrate(req, ctx) {
       const params = validateMigrateRequest(req, domain.defaults);
-      const record = findVm(domain, params.vm).startOutgoing(params, randomUUID());
+      const vm = findVm(domain, params.vm);
+      await refuseSelfMigration(domain, params.destination, ctx.signal);
+      const record = vm.startOutgoing(params, randomUUID());
       await streamRecord(domain, record.id, ctx.signal, (r) => ctx.send({ migration: recordToProto(r) }));
     },
     async watchMigration(req, ctx) {
@@ -151,6 +190,9 @@ export function peerService(domain: Domain): ServiceImpl<typeof PeerService> {
         stats: statsToProto(rec.destinationStats) ?? create(MigrationStatsSchema, {}),
         balloon: { targetBytes: toU64(v.balloonTargetBytes ?? 0), actualBytes: toU64(v.balloonActualBytes ?? 0), ramBytes: toU64(v.ramBytes) },
       };
+    },
+    async getPeerInfo() {
+      return { coordinatorId: coordinatorId(domain) };
     },
   };
 }

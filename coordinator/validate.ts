@@ -13,28 +13,39 @@ import type { MigrateParams } from "./migration-record.js";
 /** The strategy used when a request names none. Chosen from `npm run bench` results (docs/benchmarks.md). */
 export const DEFAULT_STRATEGY = BalloonStrategy.INFLATE_THEN_MIGRATE;
 
-/** Checks a MigrateRequest and fills in defaults. Throws InvalidArgumentError naming the field. */
+/** Bounds of the request fields (bytes/s, ms, passes). */
+const MIN_BANDWIDTH = 1000;
+const MAX_DOWNTIME_MS = 60_000;
+const MAX_PREPARE_DEADLINE_MS = 600_000;
+const MAX_POSTCOPY_AFTER = 100;
+
+/**
+ * Checks a MigrateRequest and fills in defaults. Throws InvalidArgumentError
+ * with one field violation (the request's proto field name); the message
+ * names the ballastctl flag that sets the field, which is what an operator
+ * typed.
+ */
 export function validateMigrateRequest(req: MigrateRequest, defaults: MigrationDefaults): MigrateParams {
-  if (!req.vm) throw new InvalidArgumentError("vm: required");
-  if (!req.destination) throw new InvalidArgumentError("destination: required (host:port of the destination coordinator)");
+  if (!req.vm) throw bad("vm", "a VM name is required (ballastctl migrate VM --to HOST:PORT)");
+  if (!req.destination) throw bad("destination", "--to HOST:PORT (the destination coordinator) is required");
   try {
     splitHostPort(req.destination);
   } catch (err) {
-    throw new InvalidArgumentError(`destination: ${(err as Error).message}`);
+    throw bad("destination", `--to: ${(err as Error).message}`);
   }
-  if (!(req.mode in MigrationMode)) throw new InvalidArgumentError(`mode: unknown value ${req.mode}`);
-  if (!(req.balloonStrategy in BalloonStrategy)) throw new InvalidArgumentError(`balloon_strategy: unknown value ${req.balloonStrategy}`);
-  const bw = req.maxBandwidthBytesPerSec === 0n ? defaults.maxBandwidthBytesPerSec : safe(req.maxBandwidthBytesPerSec, "max_bandwidth_bytes_per_sec");
-  if (bw < 1000) throw new InvalidArgumentError(`max_bandwidth_bytes_per_sec: ${bw} is below 1000 B/s`);
+  if (!(req.mode in MigrationMode)) throw bad("mode", `--mode: unknown value ${req.mode} (precopy, postcopy or hybrid)`);
+  if (!(req.balloonStrategy in BalloonStrategy)) throw bad("balloon_strategy", `--strategy: unknown value ${req.balloonStrategy} (inflate, overlap, steady or none)`);
+  const bw = req.maxBandwidthBytesPerSec === 0n ? defaults.maxBandwidthBytesPerSec : safe(req.maxBandwidthBytesPerSec, "max_bandwidth_bytes_per_sec", "--bandwidth");
+  if (bw < MIN_BANDWIDTH) throw bad("max_bandwidth_bytes_per_sec", `--bandwidth: ${bw} bytes/s is below the minimum of ${MIN_BANDWIDTH} bytes/s (1kB)`);
   const downtime = req.downtimeLimitMs === 0 ? defaults.downtimeLimitMs : req.downtimeLimitMs;
-  if (downtime > 60_000) throw new InvalidArgumentError(`downtime_limit_ms: ${downtime} is above 60000`);
+  if (downtime > MAX_DOWNTIME_MS) throw bad("downtime_limit_ms", `--downtime-ms: ${downtime} is above the maximum of ${MAX_DOWNTIME_MS}`);
   const deadline = req.prepareDeadlineMs === 0 ? defaults.prepareDeadlineMs : req.prepareDeadlineMs;
-  if (deadline > 600_000) throw new InvalidArgumentError(`prepare_deadline_ms: ${deadline} is above 600000`);
+  if (deadline > MAX_PREPARE_DEADLINE_MS) throw bad("prepare_deadline_ms", `--prepare-deadline-ms: ${deadline} is above the maximum of ${MAX_PREPARE_DEADLINE_MS}`);
   const mode = req.mode === MigrationMode.UNSPECIFIED ? MigrationMode.PRECOPY : req.mode;
   const passes = req.postcopyAfterPasses === 0 ? 1 : req.postcopyAfterPasses;
-  if (passes > 100) throw new InvalidArgumentError(`postcopy_after_passes: ${passes} is above 100`);
+  if (passes > MAX_POSTCOPY_AFTER) throw bad("postcopy_after_passes", `--postcopy-after: ${passes} is above the maximum of ${MAX_POSTCOPY_AFTER}`);
   if (req.postcopyAfterPasses !== 0 && mode !== MigrationMode.HYBRID) {
-    throw new InvalidArgumentError("postcopy_after_passes: only meaningful with MIGRATION_MODE_HYBRID");
+    throw bad("postcopy_after_passes", "--postcopy-after applies only to --mode hybrid");
   }
   return {
     vm: req.vm,
@@ -48,16 +59,23 @@ export function validateMigrateRequest(req: MigrateRequest, defaults: MigrationD
   };
 }
 
-/** Checks that an id field is present. */
+/** What an id field is, for "... is required". */
+const ID_NAMES: Record<string, string> = { id: "a migration id", migration_id: "a migration id", name: "a VM name", vm: "a VM name" };
+
+/** Checks that an id field (named by its proto field name) is present. */
 export function requireId(id: string, field = "id"): string {
-  if (!id) throw new InvalidArgumentError(`${field}: required`);
+  if (!id) throw bad(field, `${ID_NAMES[field] ?? field} is required (${field})`);
   return id;
 }
 
-function safe(v: bigint, field: string): number {
+function bad(field: string, message: string): InvalidArgumentError {
+  return InvalidArgumentError.field(field, message);
+}
+
+function safe(v: bigint, field: string, flag: string): number {
   try {
     return toNumber(v);
   } catch {
-    throw new InvalidArgumentError(`${field}: ${v} is out of range`);
+    throw bad(field, `${flag}: ${v} bytes/s is out of range`);
   }
 }

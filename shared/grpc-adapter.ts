@@ -56,8 +56,23 @@ export type ServiceImpl<S extends DescService> = {
   [K in keyof S["method"]]: ServerMethod<S["method"][K]>;
 };
 
+/** What the error mapper learns about the failed call. */
+export interface ErrorContext {
+  /** The full method path, e.g. "/ballast.v1.MigrationService/Migrate". */
+  method: string;
+  /** The request of a unary or server-streaming call (absent for bidi). */
+  request?: unknown;
+}
+
+/** A status for the caller; `metadata` goes out as the call's trailers (e.g. grpc-status-details-bin). */
+export interface MappedStatus {
+  code: grpc.status;
+  details: string;
+  metadata?: grpc.Metadata;
+}
+
 /** Turns any thrown value into a gRPC status. Supplied by the caller so mapping stays in one place. */
-export type ErrorMapper = (err: unknown) => { code: grpc.status; details: string };
+export type ErrorMapper = (err: unknown, ctx?: ErrorContext) => MappedStatus;
 
 function serializer(schema: DescMessage) {
   return (value: unknown) => Buffer.from(toBinary(schema, value as MessageShape<DescMessage>));
@@ -88,9 +103,15 @@ export function serviceDefinition(service: DescService): grpc.ServiceDefinition 
   return def;
 }
 
-function toServiceError(err: unknown, mapError: ErrorMapper): grpc.ServiceError {
-  const { code, details } = mapError(err);
-  return Object.assign(new Error(details), { code, details, metadata: new grpc.Metadata() });
+function toServiceError(err: unknown, mapError: ErrorMapper, ctx: ErrorContext): grpc.ServiceError {
+  let mapped: MappedStatus;
+  try {
+    mapped = mapError(err, ctx);
+  } catch {
+    mapped = { code: grpc.status.INTERNAL, details: "internal error" };
+  }
+  const { code, details } = mapped;
+  return Object.assign(new Error(details), { code, details, metadata: mapped.metadata ?? new grpc.Metadata() });
 }
 
 type AnyServerCall = grpc.ServerUnaryCall<unknown, unknown> | grpc.ServerWritableStream<unknown, unknown> | grpc.ServerDuplexStream<unknown, unknown>;
@@ -131,6 +152,7 @@ export function addService<S extends DescService>(
   const handlers: grpc.UntypedServiceImplementation = {};
   for (const method of service.methods) {
     const fn = (impl as Record<string, unknown>)[method.localName] as (...args: unknown[]) => Promise<unknown>;
+    const path = `/${service.typeName}/${method.name}`;
     if (typeof fn !== "function") throw new Error(`grpc-adapter: no handler for ${service.typeName}.${method.name}`);
     switch (method.methodKind) {
       case "unary":
@@ -138,7 +160,7 @@ export function addService<S extends DescService>(
           const ctx = contextOf(call);
           fn(call.request, ctx).then(
             (res) => callback(null, create(method.output, res as MessageInitShape<DescMessage>)),
-            (err: unknown) => callback(toServiceError(err, mapError)),
+            (err: unknown) => callback(toServiceError(err, mapError, { method: path, request: call.request })),
           );
         }) as grpc.handleUnaryCall<unknown, unknown>;
         break;
@@ -149,7 +171,7 @@ export function addService<S extends DescService>(
           fn(call.request, ctx).then(
             () => call.end(),
             // grpc-js turns an 'error' event into the call's final status; destroy() would drop it.
-            (err: unknown) => call.emit("error", toServiceError(err, mapError)),
+            (err: unknown) => call.emit("error", toServiceError(err, mapError, { method: path, request: call.request })),
           );
         }) as grpc.handleServerStreamingCall<unknown, unknown>;
         break;
@@ -165,7 +187,7 @@ export function addService<S extends DescService>(
           };
           fn(ctx).then(
             () => call.end(),
-            (err: unknown) => call.emit("error", toServiceError(err, mapError)),
+            (err: unknown) => call.emit("error", toServiceError(err, mapError, { method: path })),
           );
         }) as grpc.handleBidiStreamingCall<unknown, unknown>;
         break;

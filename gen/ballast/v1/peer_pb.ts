@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file ballast/v1/peer.proto.
  */
 export const file_ballast_v1_peer: GenFile = /*@__PURE__*/
-  fileDesc("ChViYWxsYXN0L3YxL3BlZXIucHJvdG8SCmJhbGxhc3QudjEiYwoWUHJlcGFyZUluY29taW5nUmVxdWVzdBIKCgJ2bRgBIAEoCRIUCgxtaWdyYXRpb25faWQYAiABKAkSJwoEbW9kZRgDIAEoDjIZLmJhbGxhc3QudjEuTWlncmF0aW9uTW9kZSImChdQcmVwYXJlSW5jb21pbmdSZXNwb25zZRILCgN1cmkYASABKAkiKgoSR2V0SW5jb21pbmdSZXF1ZXN0EhQKDG1pZ3JhdGlvbl9pZBgBIAEoCSKNAQoTR2V0SW5jb21pbmdSZXNwb25zZRIgCgVwaGFzZRgBIAEoDjIRLmJhbGxhc3QudjEuUGhhc2USKQoFc3RhdHMYAiABKAsyGi5iYWxsYXN0LnYxLk1pZ3JhdGlvblN0YXRzEikKB2JhbGxvb24YAyABKAsyGC5iYWxsYXN0LnYxLkJhbGxvb25TdGF0ZTK5AQoLUGVlclNlcnZpY2USWgoPUHJlcGFyZUluY29taW5nEiIuYmFsbGFzdC52MS5QcmVwYXJlSW5jb21pbmdSZXF1ZXN0GiMuYmFsbGFzdC52MS5QcmVwYXJlSW5jb21pbmdSZXNwb25zZRJOCgtHZXRJbmNvbWluZxIeLmJhbGxhc3QudjEuR2V0SW5jb21pbmdSZXF1ZXN0Gh8uYmFsbGFzdC52MS5HZXRJbmNvbWluZ1Jlc3BvbnNlYgZwcm90bzM", [file_ballast_v1_common]);
+  fileDesc("ChViYWxsYXN0L3YxL3BlZXIucHJvdG8SCmJhbGxhc3QudjEiYwoWUHJlcGFyZUluY29taW5nUmVxdWVzdBIKCgJ2bRgBIAEoCRIUCgxtaWdyYXRpb25faWQYAiABKAkSJwoEbW9kZRgDIAEoDjIZLmJhbGxhc3QudjEuTWlncmF0aW9uTW9kZSImChdQcmVwYXJlSW5jb21pbmdSZXNwb25zZRILCgN1cmkYASABKAkiKgoSR2V0SW5jb21pbmdSZXF1ZXN0EhQKDG1pZ3JhdGlvbl9pZBgBIAEoCSKNAQoTR2V0SW5jb21pbmdSZXNwb25zZRIgCgVwaGFzZRgBIAEoDjIRLmJhbGxhc3QudjEuUGhhc2USKQoFc3RhdHMYAiABKAsyGi5iYWxsYXN0LnYxLk1pZ3JhdGlvblN0YXRzEikKB2JhbGxvb24YAyABKAsyGC5iYWxsYXN0LnYxLkJhbGxvb25TdGF0ZSIUChJHZXRQZWVySW5mb1JlcXVlc3QiLQoTR2V0UGVlckluZm9SZXNwb25zZRIWCg5jb29yZGluYXRvcl9pZBgBIAEoCTKJAgoLUGVlclNlcnZpY2USWgoPUHJlcGFyZUluY29taW5nEiIuYmFsbGFzdC52MS5QcmVwYXJlSW5jb21pbmdSZXF1ZXN0GiMuYmFsbGFzdC52MS5QcmVwYXJlSW5jb21pbmdSZXNwb25zZRJOCgtHZXRJbmNvbWluZxIeLmJhbGxhc3QudjEuR2V0SW5jb21pbmdSZXF1ZXN0Gh8uYmFsbGFzdC52MS5HZXRJbmNvbWluZ1Jlc3BvbnNlEk4KC0dldFBlZXJJbmZvEh4uYmFsbGFzdC52MS5HZXRQZWVySW5mb1JlcXVlc3QaHy5iYWxsYXN0LnYxLkdldFBlZXJJbmZvUmVzcG9uc2ViBnByb3RvMw", [file_ballast_v1_common]);
 
 /**
  * @generated from message ballast.v1.PrepareIncomingRequest
@@ -107,6 +107,39 @@ export const GetIncomingResponseSchema: GenMessage<GetIncomingResponse> = /*@__P
   messageDesc(file_ballast_v1_peer, 3);
 
 /**
+ * @generated from message ballast.v1.GetPeerInfoRequest
+ */
+export type GetPeerInfoRequest = Message<"ballast.v1.GetPeerInfoRequest"> & {
+};
+
+/**
+ * Describes the message ballast.v1.GetPeerInfoRequest.
+ * Use `create(GetPeerInfoRequestSchema)` to create a new message.
+ */
+export const GetPeerInfoRequestSchema: GenMessage<GetPeerInfoRequest> = /*@__PURE__*/
+  messageDesc(file_ballast_v1_peer, 4);
+
+/**
+ * @generated from message ballast.v1.GetPeerInfoResponse
+ */
+export type GetPeerInfoResponse = Message<"ballast.v1.GetPeerInfoResponse"> & {
+  /**
+   * Random per coordinator process, new at every start: equal ids mean the
+   * same running coordinator, whatever address reached it.
+   *
+   * @generated from field: string coordinator_id = 1;
+   */
+  coordinatorId: string;
+};
+
+/**
+ * Describes the message ballast.v1.GetPeerInfoResponse.
+ * Use `create(GetPeerInfoResponseSchema)` to create a new message.
+ */
+export const GetPeerInfoResponseSchema: GenMessage<GetPeerInfoResponse> = /*@__PURE__*/
+  messageDesc(file_ballast_v1_peer, 5);
+
+/**
  * Served by each host coordinator to its peers.
  *
  * @generated from service ballast.v1.PeerService
@@ -131,6 +164,18 @@ export const PeerService: GenService<{
     methodKind: "unary";
     input: typeof GetIncomingRequestSchema;
     output: typeof GetIncomingResponseSchema;
+  },
+  /**
+   * Who answers at this address. The source asks before a migration, so a
+   * destination that is the source coordinator itself (under any address)
+   * is refused up front.
+   *
+   * @generated from rpc ballast.v1.PeerService.GetPeerInfo
+   */
+  getPeerInfo: {
+    methodKind: "unary";
+    input: typeof GetPeerInfoRequestSchema;
+    output: typeof GetPeerInfoResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_ballast_v1_peer, 0);
