@@ -173,9 +173,10 @@ describe("coordinator on real QEMU", () => {
     await agent.waitFor(Phase.CANCELLED, 5000);
     client.close();
 
-    // Bad input gets a specific status, not a crash.
+    // Bad input gets a specific status, not a crash: NOT_FOUND exits 4.
     const bad = await runCtl(["--server", r.srcCo.address, "migrate", "nosuchvm", "--to", r.dstCo.address]);
-    expect(bad.code).toBe(3);
+    expect(bad.code).toBe(4);
     expect(bad.stderr).toContain("no VM named");
+    expect(bad.stderr).toContain("NOT_FOUND");
   });
 });
