@@ -43,6 +43,14 @@ export interface VmConfig {
    * itself proves which VM is talking. 0: the agent uses `agentListen`.
    */
   agentPort: number;
+  /**
+   * The unix socket of the VM's agent virtio-serial port (QEMU
+   * `-chardev socket,path=...,server=on` behind `virtserialport
+   * name=org.ballast.agent.0`). The coordinator connects to it and serves
+   * this VM's agent there only (coordinator/agent-channel.ts). Absent: no
+   * channel (a libvirt VM's channel path comes from its domain XML instead).
+   */
+  agentSocket?: string;
 }
 
 /** A VM managed through libvirt (coordinator/libvirt-driver.ts). */
@@ -136,6 +144,7 @@ function vmSchema(baseDir: string) {
       .default(DEFAULT_FLOOR_BYTES),
     max: sizeSchema.default(0),
     agentPort: intInRange(0, 65535).default(0),
+    agentSocket: nonEmptyString.transform(resolveIn(baseDir)).optional(),
     libvirt: libvirtSchema.optional(),
   })
     // A transform, not a refinement: zod runs it only once every field is valid.
@@ -150,7 +159,8 @@ function vmSchema(baseDir: string) {
         ctx.issues.push({ code: "custom", path: ["libvirt"], message: "give either qmpSocket or libvirt, not both", input: vm.libvirt });
       }
       const libvirt = vm.libvirt ? { libvirt: { uri: vm.libvirt.uri, domain: vm.libvirt.domain, peerUri: vm.libvirt.peerUri ?? vm.libvirt.uri } } : {};
-      return { name: vm.name, qmpSocket: vm.qmpSocket ?? "", ...libvirt, agentId: vm.agentId ?? vm.name, floorBytes: vm.floor, maxBytes: vm.max, agentPort: vm.agentPort };
+      const agentSocket = vm.agentSocket !== undefined ? { agentSocket: vm.agentSocket } : {};
+      return { name: vm.name, qmpSocket: vm.qmpSocket ?? "", ...libvirt, agentId: vm.agentId ?? vm.name, floorBytes: vm.floor, maxBytes: vm.max, agentPort: vm.agentPort, ...agentSocket };
     });
 }
 
@@ -176,6 +186,8 @@ function vmsSchema(baseDir: string) {
       unique(vms, ctx, "agentPort", "agentPort", (v) => `port ${v} is used by another VM`, (v) => v === 0);
       // QEMU serves one QMP client per socket: two entries on one socket would fight over it.
       unique(vms, ctx, "qmpSocket", "qmpSocket", (v) => `QMP socket ${v} is used by another VM`, (v) => v === "");
+      // One chardev socket is one VM's port: the port is the agent's identity.
+      unique(vms, ctx, "agentSocket", "agentSocket", (v) => `agent socket ${v} is used by another VM`, (v) => v === undefined);
       // One libvirt domain is one VM: two entries for it would fight over its balloon.
       const domains = new Map<string, number>();
       vms.forEach((vm, i) => {

@@ -51,7 +51,9 @@ export type DriverEvent =
   | { type: "migration-pass"; pass: number }
   | { type: "stop" }
   | { type: "resume" }
-  | { type: "balloon-change"; actualBytes: number };
+  | { type: "balloon-change"; actualBytes: number }
+  /** The guest opened or closed its end of the agent's virtio-serial port (QMP `VSERPORT_CHANGE`; rate-limited, a hint). */
+  | { type: "agent-port"; open: boolean };
 
 /** One VM's hypervisor connection. */
 export interface HypervisorDriver {
@@ -95,6 +97,12 @@ export interface HypervisorDriver {
   queryMigration(): Promise<MigrateStats>;
   /** Destination: gets a VM started to receive ready, returns the URI the source should send to. */
   prepareIncoming(settings: MigrationSettings, host: string): Promise<string>;
+  /**
+   * The host end (a unix socket) of the VM's agent virtio-serial port
+   * (coordinator/agent-channel.ts), or undefined when the VM has none. Asked
+   * before every connect: libvirt moves it with every start and migration.
+   */
+  agentChannelPath?(): Promise<string | undefined>;
 }
 
 /** QEMU MigrationStatus values after which a migration is over. */

@@ -29,6 +29,8 @@ export interface QmpDriverOptions {
   statsPollingIntervalS?: number;
   /** Backoff of the reconnect loop. Default {@link BACKOFF.reconnect}. */
   backoff?: { initialMs: number; maxMs: number };
+  /** The unix socket of the VM's agent virtio-serial chardev (`vms[].agentSocket`), if it has one. */
+  agentSocket?: string;
 }
 
 /** {@link HypervisorDriver} over QMP. */
@@ -126,6 +128,10 @@ export class QmpDriver implements HypervisorDriver {
     return this.qemu.queryMigrate();
   }
 
+  async agentChannelPath(): Promise<string | undefined> {
+    return this.options.agentSocket || undefined;
+  }
+
   async prepareIncoming(s: MigrationSettings, host: string): Promise<string> {
     await this.configureMigration({ postcopy: s.postcopy });
     const uri = `tcp:${host}:${await freePort(host)}`;
@@ -215,6 +221,9 @@ export class QmpDriver implements HypervisorDriver {
 /** The balloon device's QOM path: the lab and the README give it `id=balloon0`. */
 const BALLOON_PATH = "/machine/peripheral/balloon0";
 
+/** The `id=` of the agent's `virtserialport` (README, lab/vm.ts): QEMU emits VSERPORT_CHANGE only for a port with an id. */
+export const AGENT_PORT_ID = "agentport";
+
 /** Maps a raw QMP event to a driver event; the one place MIGRATION events are parsed. */
 export function translateQmpEvent(ev: QmpEvent): DriverEvent | undefined {
   switch (ev.event) {
@@ -226,6 +235,9 @@ export function translateQmpEvent(ev: QmpEvent): DriverEvent | undefined {
       return { type: "stop" };
     case "RESUME":
       return { type: "resume" };
+    case "VSERPORT_CHANGE":
+      // Only the agent's port: another one (qemu-guest-agent's) says nothing about ours.
+      return ev.data.id === AGENT_PORT_ID && typeof ev.data.open === "boolean" ? { type: "agent-port", open: ev.data.open } : undefined;
     case "BALLOON_CHANGE":
       return typeof ev.data.actual === "number" && Number.isSafeInteger(ev.data.actual) && ev.data.actual >= 0
         ? { type: "balloon-change", actualBytes: ev.data.actual }

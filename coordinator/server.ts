@@ -11,10 +11,12 @@ import { VmService } from "../gen/ballast/v1/vm_pb.js";
 import { UnavailableError } from "../shared/errors.js";
 import { addService, createClient, type Client } from "../shared/grpc-adapter.js";
 import type { Logger } from "../shared/logger.js";
+import { AgentChannel } from "./agent-channel.js";
 import { AgentHub } from "./agent-hub.js";
 import type { CoordinatorConfig } from "./config.js";
 import { toGrpcStatus } from "./grpc-errors.js";
 import { MigrationStore } from "./migration-store.js";
+import type { HypervisorDriver } from "./hypervisor.js";
 import { LibvirtDriver } from "./libvirt-driver.js";
 import { QmpDriver } from "./qmp-driver.js";
 import { addReflection } from "./reflection.js";
@@ -60,10 +62,12 @@ export async function startCoordinator(config: CoordinatorConfig, logger: Logger
     return c;
   };
   const vms = new Map<string, VmSupervisor>();
+  const drivers = new Map<string, HypervisorDriver>();
   for (const vc of config.vms) {
     const driver = vc.libvirt
       ? new LibvirtDriver({ uri: vc.libvirt.uri, domain: vc.libvirt.domain, dialUri: vc.libvirt.peerUri, logger })
-      : new QmpDriver({ socketPath: vc.qmpSocket, logger });
+      : new QmpDriver({ socketPath: vc.qmpSocket, agentSocket: vc.agentSocket, logger });
+    drivers.set(vc.name, driver);
     vms.set(vc.name, new VmSupervisor({ config: vc, defaults: config.defaults, driver, store, peer, incomingHost: config.incomingHost, logger }));
   }
   const hub = new AgentHub({ hostId: config.hostId, vms, defaults: config.defaults, logger });
@@ -108,14 +112,27 @@ export async function startCoordinator(config: CoordinatorConfig, logger: Logger
     for (const s of servers) s.forceShutdown();
     throw err;
   }
+  // The agent's virtio-serial port (coordinator/agent-channel.ts): a server per VM, bound to no port, fed by the channel.
+  const channels: AgentChannel[] = [];
+  const channelPaths: Record<string, string> = {};
+  for (const vm of vms.values()) {
+    const driver = drivers.get(vm.name);
+    if (!driver?.agentChannelPath || (!vm.config.agentSocket && !vm.config.libvirt)) continue;
+    const s = new grpc.Server(SERVER_OPTIONS);
+    addService(s, AgentService, agentService(domain, vm), toGrpcStatus);
+    channels.push(new AgentChannel({ vm, driver, server: s, logger }));
+    channelPaths[vm.name] = vm.config.agentSocket ?? "(from libvirt)";
+    servers.push(s);
+  }
   for (const vm of vms.values()) vm.start();
-  logger.info({ address, agents: Object.fromEntries(agentAddresses), vms: [...vms.keys()] }, "coordinator serving");
+  logger.info({ address, agents: Object.fromEntries(agentAddresses), agentChannels: channelPaths, vms: [...vms.keys()] }, "coordinator serving");
 
   return {
     domain,
     address,
     agentAddresses,
     async close() {
+      for (const c of channels) c.close();
       await Promise.all(
         servers.map(
           (s) =>

@@ -46,6 +46,14 @@ export interface AgentLink {
   close(reason: string): void;
 }
 
+/** Sees what the supervisor sees, without a say in it (coordinator/agent-channel.ts drives the agent's port from it). */
+export interface VmObserver {
+  /** Every driver event, before the supervisor acts on it. */
+  driverEvent?(e: DriverEvent): void;
+  /** An agent session was attached (after its Welcome and Policy). */
+  agentAttached?(link: AgentLink): void;
+}
+
 /** A balloon request from the agent, as received. */
 export interface AgentBalloonRequest {
   targetBytes: number;
@@ -135,6 +143,7 @@ export class VmSupervisor {
   private readonly refusedLog = new LogLimiter(10_000);
   private readonly refusedCount = new Map<string, number>();
   private readonly upWaiters = new Set<() => void>();
+  private readonly observers = new Set<VmObserver>();
 
   constructor(private readonly options: VmSupervisorOptions) {
     this.config = options.config;
@@ -167,6 +176,22 @@ export class VmSupervisor {
     this.balloon?.dispose();
     this.agent?.close("coordinator shutting down");
     await this.driver.close();
+  }
+
+  /** Adds an observer; returns its removal. An observer that throws is logged and ignored. */
+  observe(o: VmObserver): () => void {
+    this.observers.add(o);
+    return () => this.observers.delete(o);
+  }
+
+  private notify(call: (o: VmObserver) => void): void {
+    for (const o of this.observers) {
+      try {
+        call(o);
+      } catch (err) {
+        this.log.error({ err: errorMessage(err) }, "VM observer threw");
+      }
+    }
   }
 
   // ---- views ---------------------------------------------------------------
@@ -524,6 +549,7 @@ export class VmSupervisor {
 
   private onDriverEvent(e: DriverEvent): void {
     const now = this.now();
+    this.notify((o) => o.driverEvent?.(e));
     switch (e.type) {
       case "up": {
         const maxBytes = this.config.maxBytes === 0 ? e.facts.ramBytes : Math.min(this.config.maxBytes, e.facts.ramBytes);
@@ -558,6 +584,9 @@ export class VmSupervisor {
         return;
       case "balloon-change":
         this.balloon?.learnActual(e.actualBytes);
+        return;
+      case "agent-port":
+        // The agent's port is the channel's business (observers); nothing here depends on it.
         return;
     }
   }
@@ -638,6 +667,7 @@ export class VmSupervisor {
     const facts = this.driver.facts;
     const b = this.balloon;
     if (b?.actualBytes !== undefined && facts) link.pushBalloon({ targetBytes: b.targetBytes ?? b.actualBytes, actualBytes: b.actualBytes, ramBytes: facts.ramBytes });
+    this.notify((o) => o.agentAttached?.(link));
     return previous;
   }
 

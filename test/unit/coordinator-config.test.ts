@@ -256,7 +256,7 @@ describe("loadCoordinatorConfig and checkConfigPaths", () => {
     const bad = write(d, "{ not json");
     expect(loadError(bad)).toContain(`${bad}: not valid JSON`);
     const typo = write(d, { vms: [{ ...vm, flor: "1G" }] });
-    expect(loadError(typo)).toBe(`${typo}: vms[0].flor: unknown key (allowed here: name, qmpSocket, agentId, floor, max, agentPort, libvirt)`);
+    expect(loadError(typo)).toBe(`${typo}: vms[0].flor: unknown key (allowed here: name, qmpSocket, agentId, floor, max, agentPort, agentSocket, libvirt)`);
   });
 });
 
