@@ -41,10 +41,11 @@ import {
   parseDommemstat,
   parseDomstate,
   parseIncomingUri,
-  parseJobCompletedEvent,
   runStateOf,
+  VirshEventStream,
   type DomState,
   type MigrationRole,
+  type VirshEvent,
   type VirshFailure,
 } from "./virsh-parse.js";
 
@@ -83,7 +84,10 @@ export class VirshError extends UnavailableError {
 
 interface Outgoing {
   child: VirshChild;
-  events: VirshChild | undefined;
+  /** The job-completed event's numbers, once the event stream delivered them. */
+  completed: MigrateStats | undefined;
+  /** The migration status last reported to the supervisor. */
+  lastStatus: string | undefined;
   cancelRequested: boolean;
   exited: boolean;
   /** The last stats polled while the job ran. */
@@ -120,6 +124,13 @@ export class LibvirtDriver implements HypervisorDriver {
   /** Destination: the migration status last reported while tracking the incoming domain. */
   private incomingStatus: string | undefined;
   private statsEnabledFor: number | undefined;
+  /** `Used memory` at the last poll, to report balloon changes. */
+  private lastUsedBytes: number | undefined;
+  /** The long-lived `virsh event --all --loop` child: lifecycle, migration-iteration and job-completed as they happen. */
+  private eventChild: VirshChild | undefined;
+  private readonly eventStream = new VirshEventStream();
+  private readonly eventBackoff = new Backoff(BACKOFF.reconnect);
+  private eventFlushTimer: NodeJS.Timeout | undefined;
 
   constructor(private readonly options: LibvirtDriverOptions) {
     if (!/^[A-Za-z0-9][A-Za-z0-9._-]*$/.test(options.domain)) {
@@ -144,14 +155,16 @@ export class LibvirtDriver implements HypervisorDriver {
   }
 
   start(): void {
+    this.startEvents();
     this.schedule(0);
   }
 
   async close(): Promise<void> {
     this.closed = true;
     if (this.timer) clearTimeout(this.timer);
+    if (this.eventFlushTimer) clearTimeout(this.eventFlushTimer);
     // A running `virsh migrate` is left alone: the migration belongs to libvirt, not to this process.
-    this.outgoing?.events?.kill();
+    this.eventChild?.kill();
   }
 
   // ---- virsh ------------------------------------------------------------------
@@ -241,13 +254,9 @@ export class LibvirtDriver implements HypervisorDriver {
       await this.virsh(["migrate-setmaxdowntime", this.options.domain, String(this.settings.downtimeLimitMs)]);
     }
     this.lastFinal = undefined;
-    // The transient source domain is gone the moment the migration completes, and with it `domjobinfo --completed`:
-    // the job-completed event is where its final numbers are.
-    const events = this.spawnVirsh(["event", "--domain", this.options.domain, "--event", "job-completed", "--timeout", "86400"]);
-    await new Promise((r) => setTimeout(r, 300));
     const startedAt = Date.now();
     const child = this.spawnVirsh(args);
-    const out: Outgoing = { child, events, cancelRequested: false, exited: false, last: undefined, lastIteration: 0 };
+    const out: Outgoing = { child, completed: undefined, lastStatus: undefined, cancelRequested: false, exited: false, last: undefined, lastIteration: 0 };
     this.outgoing = out;
     this.log.info({ cmd: ["virsh", "-c", this.options.uri, ...args].join(" ") }, "migration started");
     let accepted = false;
@@ -264,7 +273,6 @@ export class LibvirtDriver implements HypervisorDriver {
         const msg = cleanVirshError(r.stderr) || `virsh migrate exited with ${r.exitCode ?? r.signal}`;
         const status = out.cancelRequested && /cancel|abort/i.test(msg) ? "cancelled" : "failed";
         final = { ...(out.last ?? emptyMigrateStats(status)), status, errorDesc: msg };
-        out.events?.kill();
       }
       // libvirt's elapsed time when it gave none: a zero would read as "not final yet".
       if (final.totalTimeMs === 0) final = { ...final, totalTimeMs: Math.max(1, Date.now() - startedAt) };
@@ -273,7 +281,7 @@ export class LibvirtDriver implements HypervisorDriver {
       out.exited = true;
       this.log.info({ status: final.status, error: final.errorDesc || undefined, transferred: final.transferredBytes, numbersFrom: from }, "virsh migrate ended");
       // Never before startMigration resolved: a final status before `migrate-accepted` would be taken for an older migration's.
-      const report = () => this.emit({ type: "migration-status", status: final.status });
+      const report = () => this.outgoingStatus(out, final.status);
       if (accepted) setTimeout(report, 0);
       else acceptedHook = report;
       setTimeout(() => this.schedule(0), 0);
@@ -289,7 +297,9 @@ export class LibvirtDriver implements HypervisorDriver {
       }
       try {
         const j = parseDomjobinfoRaw(await this.virsh(["domjobinfo", this.options.domain, "--rawstats"]));
-        if (j.jobType === JOB_TYPE.unbounded || j.jobType === JOB_TYPE.bounded) break;
+        // libvirt opens the job in its Begin phase, before QEMU got its capabilities and `migrate`:
+        // only memory numbers say QEMU migrates (a migrate-postcopy before that is refused).
+        if ((j.jobType === JOB_TYPE.unbounded || j.jobType === JOB_TYPE.bounded) && (j.numbers.memory_total ?? 0) > 0) break;
       } catch (err) {
         this.log.debug({ err: errorMessage(err) }, "domjobinfo while waiting for the migration job");
       }
@@ -298,13 +308,23 @@ export class LibvirtDriver implements HypervisorDriver {
     }
     accepted = true;
     if (acceptedHook) setTimeout(acceptedHook, 0);
-    this.emit({ type: "migration-status", status: "active" });
+    else this.outgoingStatus(out, "active");
     this.schedule(0);
   }
 
   async startPostcopy(): Promise<void> {
     this.requireUp("migrate-postcopy");
-    await this.virsh(["migrate-postcopy", this.options.domain]);
+    // Right after the start QEMU may still be in setup ("Enable postcopy with migrate_set_capability before the
+    // start of migration"): a few quick retries, never past the migration's end.
+    for (let attempt = 1; ; attempt++) {
+      try {
+        await this.virsh(["migrate-postcopy", this.options.domain]);
+        return;
+      } catch (err) {
+        if (attempt >= 10 || !this.outgoingActive || !/before the start of migration|not active|no job/i.test(errorMessage(err))) throw err;
+        await new Promise((r) => setTimeout(r, 200));
+      }
+    }
   }
 
   async cancelMigration(): Promise<void> {
@@ -408,11 +428,13 @@ export class LibvirtDriver implements HypervisorDriver {
     let state: DomState | undefined;
     let id: number | undefined;
     let ramBytes = 0;
+    let usedBytes = 0;
     let problem = "";
     try {
       const info = parseDominfo(await this.virsh(["dominfo", d]));
       id = info.id;
       ramBytes = info.maxMemoryBytes;
+      usedBytes = info.usedMemoryBytes;
       if (id !== undefined) state = parseDomstate(await this.virsh(["domstate", "--reason", d]));
       else problem = `domain ${d} is ${info.state}`;
     } catch (err) {
@@ -452,12 +474,12 @@ export class LibvirtDriver implements HypervisorDriver {
       this.backoff.reset();
       this.log.info({ ...this.factsValue, id }, "libvirt domain up");
       this.emit({ type: "up", facts: this.factsValue });
-    } else if (this.factsValue.runState !== runState) {
-      const was = this.factsValue.runState;
-      this.factsValue = { ...this.factsValue, runState };
-      if (was === "running") this.emit({ type: "stop" });
-      else if (runState === "running") this.emit({ type: "resume" });
+    } else {
+      this.setRunState(runState);
+      // dominfo's Used memory is the balloon's size: report changes as QEMU's BALLOON_CHANGE would.
+      if (usedBytes !== this.lastUsedBytes) this.emit({ type: "balloon-change", actualBytes: usedBytes });
     }
+    this.lastUsedBytes = usedBytes;
 
     if (this.outgoingActive) await this.trackOutgoing(state);
     else if (this.incomingExpected || this.incomingStatus !== undefined) await this.trackIncoming(state);
@@ -475,29 +497,141 @@ export class LibvirtDriver implements HypervisorDriver {
       return;
     }
     if (j.jobType !== JOB_TYPE.unbounded && j.jobType !== JOB_TYPE.bounded) return;
-    const prev = out.last?.status;
     const s = jobStatsToMigrateStats(j, migrationStatusOf(state, "source") ?? "active");
     out.last = s;
     if (out.exited) return;
-    if (s.dirtySyncCount > out.lastIteration) {
-      out.lastIteration = s.dirtySyncCount;
-      this.emit({ type: "migration-pass", pass: s.dirtySyncCount });
-    }
-    if (s.status !== prev) this.emit({ type: "migration-status", status: s.status });
+    this.outgoingPass(out, s.dirtySyncCount);
+    // Post-copy is never taken back: a late pre-copy answer does not undo it.
+    if (!(out.lastStatus === "postcopy-active" && s.status === "active")) this.outgoingStatus(out, s.status);
+  }
+
+  private outgoingStatus(out: Outgoing, status: string): void {
+    if (out.lastStatus === status) return;
+    out.lastStatus = status;
+    this.emit({ type: "migration-status", status });
+  }
+
+  private outgoingPass(out: Outgoing, pass: number): void {
+    if (pass <= out.lastIteration) return;
+    out.lastIteration = pass;
+    this.emit({ type: "migration-pass", pass });
   }
 
   private async trackIncoming(state: DomState): Promise<void> {
     let status = migrationStatusOf(state, "destination");
     // A domain that is simply running was not seen arriving: only "migrated" or post-copy says it came in.
     if (status === "completed" && this.incomingStatus === undefined && state.reason !== "migrated") status = undefined;
-    if (!status || status === this.incomingStatus) return;
+    // Post-copy is never taken back by a late look at a paused domain.
+    if (status === "active" && this.incomingStatus === "postcopy-active") return;
+    if (status) await this.setIncomingStatus(status);
+  }
+
+  /** Destination: reports the incoming migration's status once per change; on completion keeps libvirt's numbers. */
+  private async setIncomingStatus(status: string): Promise<void> {
+    if (!this.incomingExpected && this.incomingStatus === undefined) return;
+    if (status === this.incomingStatus) return;
     this.incomingStatus = status;
-    if (status === "completed") {
+    if (status === "completed" || status === "failed") {
       this.incomingExpected = false;
-      this.lastFinal = (await this.completedJob().catch(() => undefined)) ?? emptyMigrateStats("completed");
       this.incomingStatus = undefined;
+      this.lastFinal =
+        status === "completed"
+          ? ((await this.incomingNumbers()) ?? emptyMigrateStats("completed"))
+          : emptyMigrateStats("failed", `the incoming migration failed on ${this.options.uri}`);
     }
     this.emit({ type: "migration-status", status });
+  }
+
+  // ---- the event stream ------------------------------------------------------------------
+
+  private startEvents(): void {
+    if (this.closed) return;
+    const child = this.spawnVirsh(["event", "--all", "--loop", "--timestamp"]);
+    this.eventChild = child;
+    child.stdout?.setEncoding("utf8");
+    child.stdout?.on("data", (chunk: string) => {
+      this.eventBackoff.reset();
+      try {
+        for (const e of this.eventStream.push(chunk)) this.onVirshEvent(e);
+      } catch (err) {
+        this.log.warn({ err: errorMessage(err) }, "unreadable virsh event");
+      }
+      if (this.eventFlushTimer) clearTimeout(this.eventFlushTimer);
+      // virsh prints an event in one go: a quiet moment ends a job-completed block.
+      if (this.eventStream.hasPending) this.eventFlushTimer = setTimeout(() => this.flushEvents(), 100);
+    });
+    void child.then((r) => {
+      if (this.closed) return;
+      const delay = this.eventBackoff.next();
+      this.log[this.eventBackoff.attempts === 1 ? "info" : "debug"]({ err: cleanVirshError(r.stderr) || `exit ${r.exitCode}`, retryInMs: delay }, "virsh event stream ended; restarting");
+      setTimeout(() => this.startEvents(), delay);
+    });
+  }
+
+  private flushEvents(): void {
+    try {
+      for (const e of this.eventStream.flush()) this.onVirshEvent(e);
+    } catch (err) {
+      this.log.warn({ err: errorMessage(err) }, "unreadable virsh event");
+    }
+  }
+
+  private onVirshEvent(e: VirshEvent): void {
+    if (e.domain !== this.options.domain) return;
+    this.log.debug({ event: e.kind, detail: e.kind === "lifecycle" ? `${e.event} ${e.detail}` : undefined }, "libvirt event");
+    const out = this.outgoingActive ? this.outgoing : undefined;
+    switch (e.kind) {
+      case "migration-iteration":
+        if (out) this.outgoingPass(out, e.iteration);
+        return;
+      case "job-completed":
+        if (this.outgoing && !this.outgoing.exited) this.outgoing.completed = jobStatsToMigrateStats(e.stats, "completed");
+        return;
+      case "lifecycle": {
+        const what = `${e.event} ${e.detail}`;
+        if (out) {
+          if (what === "Suspended Post-copy") {
+            this.setRunState("postmigrate");
+            this.outgoingStatus(out, "postcopy-active");
+          } else if (what === "Suspended Migrated") {
+            this.setRunState("finish-migrate");
+          }
+        } else if (this.incomingExpected || this.incomingStatus !== undefined) {
+          if (what === "Started Migrated") void this.setIncomingStatus("active");
+          else if (what === "Resumed Post-copy") void this.setIncomingStatus("postcopy-active");
+          else if (what === "Resumed Migrated") void this.setIncomingStatus("completed");
+          else if (what === "Stopped Failed") void this.setIncomingStatus("failed");
+        }
+        // Facts (run state, a new domain id) follow at once.
+        this.schedule(0);
+        return;
+      }
+      default:
+        return;
+    }
+  }
+
+  /** Updates the run state in the facts, with stop/resume as QMP reports them. */
+  private setRunState(runState: string): void {
+    const f = this.factsValue;
+    if (!f || f.runState === runState) return;
+    this.factsValue = { ...f, runState };
+    if (f.runState === "running") this.emit({ type: "stop" });
+    else if (runState === "running") this.emit({ type: "resume" });
+  }
+
+  /**
+   * The destination's numbers of a completed incoming migration. The
+   * "Resumed Migrated" event can come before libvirt has stored them, so
+   * ask a few times (up to about 3 s) before the status is reported.
+   */
+  private async incomingNumbers(): Promise<MigrateStats | undefined> {
+    for (let i = 0; i < 15; i++) {
+      const s = await this.completedJob().catch(() => undefined);
+      if (s) return s;
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    return undefined;
   }
 
   /** `domjobinfo --completed --keep-completed --rawstats` as MigrateStats, when libvirt still has them. */
@@ -509,20 +643,11 @@ export class LibvirtDriver implements HypervisorDriver {
     return undefined;
   }
 
+  /** The job-completed event's numbers: they arrive around the time `virsh migrate` returns; wait up to 2 s. */
   private async finalFromEvent(out: Outgoing): Promise<MigrateStats | undefined> {
-    const ev = out.events;
-    if (!ev) return undefined;
-    // The event arrives before or right after virsh migrate returns; give it a moment.
-    const r = await Promise.race([ev, new Promise<undefined>((res) => setTimeout(() => res(undefined), 2000))]);
-    if (!r) ev.kill();
-    const res = r ?? (await ev);
-    try {
-      const j = parseJobCompletedEvent(String(res.stdout ?? ""));
-      return j ? jobStatsToMigrateStats(j, "completed") : undefined;
-    } catch (err) {
-      this.log.warn({ err: errorMessage(err) }, "job-completed event unreadable");
-      return undefined;
-    }
+    const until = Date.now() + 2000;
+    while (!out.completed && Date.now() < until) await new Promise((r) => setTimeout(r, 50));
+    return out.completed;
   }
 
   private spawnVirsh(args: string[]): VirshChild {

@@ -421,3 +421,86 @@ export function parseIncomingUri(uri: string): LibvirtIncoming {
   }
   return { dconnuri: o.dconnuri, migrateuri: o.migrateuri };
 }
+
+// ---- the event stream (`virsh event --all --loop --timestamp`) ------------------------
+
+/** One event from `virsh event --loop`. */
+export type VirshEvent =
+  /** e.g. "Suspended" / "Post-copy", "Resumed" / "Migrated", "Stopped" / "Failed". */
+  | { kind: "lifecycle"; domain: string; event: string; detail: string }
+  | { kind: "migration-iteration"; domain: string; iteration: number }
+  | { kind: "job-completed"; domain: string; stats: JobStats }
+  /** Any other event type, by name (reboot, balloon-change, ...). */
+  | { kind: "other"; domain: string; type: string };
+
+const EVENT_LINE = /^(?:\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+\+\d{4}: )?event '([a-z-]+)' for domain '([^']+)':?\s?(.*)$/;
+
+/**
+ * An incremental parser for `virsh event --all --loop --timestamp`: feed it
+ * stdout chunks, it returns whole events. A job-completed event is a header
+ * line plus tab-indented parameters; it is complete at the next event line
+ * or at {@link VirshEventStream.flush} (the driver flushes once the stream
+ * has been quiet briefly, since virsh prints each event in one go). Lines
+ * that are not events ("events received", warnings) are ignored; a
+ * malformed event throws, naming the event and the field.
+ */
+export class VirshEventStream {
+  private buffer = "";
+  private pending: { domain: string; lines: string[] } | undefined;
+
+  /** True while a job-completed block may still be receiving lines. */
+  get hasPending(): boolean {
+    return this.pending !== undefined;
+  }
+
+  push(chunk: string): VirshEvent[] {
+    this.buffer += chunk;
+    const out: VirshEvent[] = [];
+    let nl: number;
+    while ((nl = this.buffer.indexOf("\n")) >= 0) {
+      const line = this.buffer.slice(0, nl);
+      this.buffer = this.buffer.slice(nl + 1);
+      this.line(line, out);
+    }
+    return out;
+  }
+
+  /** Ends a pending job-completed block. */
+  flush(): VirshEvent[] {
+    const out: VirshEvent[] = [];
+    this.closePending(out);
+    return out;
+  }
+
+  private line(line: string, out: VirshEvent[]): void {
+    if (this.pending && /^\t/.test(line)) {
+      this.pending.lines.push(line.trim());
+      return;
+    }
+    this.closePending(out);
+    const m = EVENT_LINE.exec(line.trim());
+    if (!m) return;
+    const [, type, domain, rest] = m as unknown as [string, string, string, string];
+    if (type === "lifecycle") {
+      const lm = /^(\S+) (.+)$/.exec(rest.trim());
+      if (!lm) fail("event lifecycle", "detail", `expected "<event> <detail>", got ${show(rest)}`);
+      out.push({ kind: "lifecycle", domain, event: lm[1] as string, detail: lm[2] as string });
+    } else if (type === "migration-iteration") {
+      const im = /^iteration: '(\d+)'$/.exec(rest.trim());
+      if (!im) fail("event migration-iteration", "iteration", `expected "iteration: '<n>'", got ${show(rest)}`);
+      out.push({ kind: "migration-iteration", domain, iteration: Number(im[1]) });
+    } else if (type === "job-completed") {
+      this.pending = { domain, lines: [] };
+    } else {
+      out.push({ kind: "other", domain, type });
+    }
+  }
+
+  private closePending(out: VirshEvent[]): void {
+    const p = this.pending;
+    if (!p) return;
+    this.pending = undefined;
+    if (p.lines.length === 0) fail("event job-completed", "output", "the event has no parameters");
+    out.push({ kind: "job-completed", domain: p.domain, stats: { jobType: JOB_TYPE.completed, ...jobParams(p.lines, "event job-completed") } });
+  }
+}

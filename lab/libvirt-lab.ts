@@ -470,6 +470,20 @@ export class LibvirtLab {
     }
     if (hook) await hook;
     if (!last) throw new FailedPreconditionError("libvirt lab: migrate stream ended without a record");
+    if (!isFinalPhase(last.phase)) {
+      // The stream may end before the final record (seen once after a cancel): the record itself is authoritative.
+      this.log.warn({ id: last.id, phase: Phase[last.phase] }, "migrate stream ended before the final record; reading it");
+      const id = last.id;
+      const until = Date.now() + 60_000;
+      for (;;) {
+        const { migration } = await from.migrations.getMigration({ id });
+        if (migration) last = migration;
+        if (isFinalPhase(last.phase)) break;
+        if (Date.now() > until) throw new FailedPreconditionError(`libvirt lab: migration ${id} not final after 60 s (${Phase[last.phase]})`);
+        await new Promise((r) => setTimeout(r, 200));
+      }
+      hooks.onUpdate?.(last);
+    }
     if (last.phase !== Phase.COMPLETED) {
       this.log.warn({ phase: Phase[last.phase], error: last.error }, "migration did not complete; guest stays on the source");
       return last;
@@ -499,6 +513,10 @@ export class LibvirtLab {
     await Promise.all(Object.values(this.hosts).map((h) => h.libvirt.stop()));
     if (this.ownsWorkDir) rmSync(this.workDir, { recursive: true, force: true });
   }
+}
+
+function isFinalPhase(p: Phase): boolean {
+  return p === Phase.COMPLETED || p === Phase.FAILED || p === Phase.CANCELLED;
 }
 
 function killPid(pid: number, signal: NodeJS.Signals): void {

@@ -19,6 +19,7 @@ import {
   parseIncomingUri,
   parseJobCompletedEvent,
   runStateOf,
+  VirshEventStream,
 } from "../../coordinator/virsh-parse.js";
 import { InvalidArgumentError } from "../../shared/errors.js";
 
@@ -259,5 +260,60 @@ describe("the incoming URI a libvirt destination returns", () => {
     { what: "an extra key", uri: '{"dconnuri":"qemu:///system","migrateuri":"tcp://127.0.0.1:1","p2p":true}', err: /unknown key p2p/ },
   ])("refuses $what", ({ uri, err }) => {
     expect(() => parseIncomingUri(uri)).toThrow(err);
+  });
+});
+
+describe("the event stream", () => {
+  it("host a: the source side of a post-copy migration, then the destination side of a cancelled one", () => {
+    const s = new VirshEventStream();
+    const text = fx("event-loop-host-a.txt");
+    // Fed in odd-sized chunks, as a pipe delivers them.
+    const events = [];
+    for (let i = 0; i < text.length; i += 37) events.push(...s.push(text.slice(i, i + 37)));
+    events.push(...s.flush());
+    expect(events.map((e) => (e.kind === "lifecycle" ? `${e.event} ${e.detail}` : e.kind === "migration-iteration" ? `pass ${e.iteration}` : e.kind))).toEqual([
+      "pass 1",
+      "Suspended Migrated",
+      "Suspended Post-copy",
+      "pass 2",
+      "Stopped Migrated",
+      "job-completed",
+      "Started Migrated",
+      "Stopped Failed",
+    ]);
+    const done = events.find((e) => e.kind === "job-completed");
+    expect(done?.kind === "job-completed" && jobStatsToMigrateStats(done.stats, "completed")).toMatchObject({ totalTimeMs: 2687, downtimeMs: 10, transferredBytes: 100542376, postcopyRequests: 16 });
+    expect(events.every((e) => e.domain === "vm1")).toBe(true);
+  });
+
+  it("host b: the destination side of a post-copy migration", () => {
+    const s = new VirshEventStream();
+    const events = [...s.push(fx("event-loop-host-b.txt")), ...s.flush()];
+    expect(events.map((e) => (e.kind === "lifecycle" ? `${e.event} ${e.detail}` : e.kind))).toEqual(["Started Migrated", "Resumed Post-copy", "Resumed Migrated", "migration-iteration"]);
+  });
+
+  it("a job-completed block at the end of the output waits for flush", () => {
+    const s = new VirshEventStream();
+    const text = fx("event-job-completed.txt");
+    const before = s.push(text.split("events received")[0] as string);
+    expect(before).toEqual([]);
+    expect(s.hasPending).toBe(true);
+    const after = s.flush();
+    expect(after).toHaveLength(1);
+    expect(s.hasPending).toBe(false);
+  });
+
+  it("ignores lines that are not events, keeps other event types by name", () => {
+    const s = new VirshEventStream();
+    expect(s.push("events received: 1\nerror: One or more references were leaked after disconnect from the hypervisor\n")).toEqual([]);
+    expect(s.push("event 'reboot' for domain 'vm1'\n")).toEqual([{ kind: "other", domain: "vm1", type: "reboot" }]);
+  });
+
+  it.each([
+    { what: "a lifecycle without detail", text: "event 'lifecycle' for domain 'vm1': Stopped\n", err: /virsh event lifecycle: detail: expected "<event> <detail>"/ },
+    { what: "a non-numeric iteration", text: "event 'migration-iteration' for domain 'vm1': iteration: 'two'\n", err: /virsh event migration-iteration: iteration: expected "iteration: '<n>'"/ },
+    { what: "a bad parameter", text: "event 'job-completed' for domain 'vm1':\n\ttime_elapsed: soon\nevent 'reboot' for domain 'vm1'\n", err: /virsh event job-completed: time_elapsed: expected an integer/ },
+  ])("malformed: $what", ({ text, err }) => {
+    expect(() => new VirshEventStream().push(text)).toThrow(err);
   });
 });
