@@ -95,6 +95,10 @@ export interface HypervisorDriver {
   cancelMigration(): Promise<void>;
   /** The current (or last) migration's numbers. */
   queryMigration(): Promise<MigrateStats>;
+  /** Source: resumes a post-copy migration paused by a broken stream, to the URI from the destination's `recoverIncoming`. */
+  resumeMigration(uri: string): Promise<void>;
+  /** Destination: listens again for a paused post-copy migration; returns the URI to resume to. */
+  recoverIncoming(host: string): Promise<string>;
   /** Destination: gets a VM started to receive ready, returns the URI the source should send to. */
   prepareIncoming(settings: MigrationSettings, host: string): Promise<string>;
   /**

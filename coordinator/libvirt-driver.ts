@@ -72,7 +72,7 @@ export interface LibvirtDriverOptions {
   virsh?: string;
 }
 
-/** A failed virsh command: the cleaned message plus what kind of failure it was. */
+/** A virsh command that could not reach the daemon or the domain (gRPC UNAVAILABLE). */
 export class VirshError extends UnavailableError {
   constructor(
     message: string,
@@ -80,6 +80,16 @@ export class VirshError extends UnavailableError {
   ) {
     super(message);
   }
+}
+
+/** A virsh command libvirt refused (gRPC FAILED_PRECONDITION), e.g. `domjobabort` in post-copy. */
+export class VirshRefusal extends FailedPreconditionError {
+  readonly failure = "other" as const;
+}
+
+/** What kind of virsh failure `err` is, or undefined when it is none. */
+export function virshFailure(err: unknown): VirshFailure | undefined {
+  return err instanceof VirshError || err instanceof VirshRefusal ? err.failure : undefined;
 }
 
 interface Outgoing {
@@ -169,7 +179,7 @@ export class LibvirtDriver implements HypervisorDriver {
 
   // ---- virsh ------------------------------------------------------------------
 
-  /** Runs `virsh -c URI ARGS`; resolves with stdout, rejects with a {@link VirshError}. */
+  /** Runs `virsh -c URI ARGS`; resolves with stdout, rejects with a {@link VirshError} (unreachable) or {@link VirshRefusal}. */
   async virsh(args: string[], timeoutMs = this.timeoutMs): Promise<string> {
     this.log.debug({ cmd: ["virsh", "-c", this.options.uri, ...args].join(" ") }, "virsh");
     const r = await execa(this.virshBin, ["-c", this.options.uri, ...args], { ...CHILD_OPTIONS, timeout: timeoutMs });
@@ -177,7 +187,9 @@ export class LibvirtDriver implements HypervisorDriver {
     const what = `virsh ${args[0]}`;
     if (r.timedOut) throw new VirshError(`${what}: no answer in ${timeoutMs} ms`, "no-daemon");
     const stderr = r.stderr || r.stdout || (r.cause instanceof Error ? r.cause.message : `exit ${r.exitCode}`);
-    throw new VirshError(`${what}: ${cleanVirshError(stderr) || `exit ${r.exitCode}`}`, classifyVirshError(stderr));
+    const message = `${what}: ${cleanVirshError(stderr) || `exit ${r.exitCode}`}`;
+    const failure = classifyVirshError(stderr);
+    throw failure === "other" ? new VirshRefusal(message) : new VirshError(message, failure);
   }
 
   private requireUp(what: string): void {
@@ -349,7 +361,7 @@ export class LibvirtDriver implements HypervisorDriver {
     try {
       st = parseDomstate(await this.virsh(["domstate", "--reason", this.options.domain]));
     } catch (err) {
-      if (err instanceof VirshError && err.failure === "no-domain") return this.lastFinal ?? emptyMigrateStats("none");
+      if (virshFailure(err) === "no-domain") return this.lastFinal ?? emptyMigrateStats("none");
       throw err;
     }
     if (this.incomingExpected || this.incomingStatus !== undefined) {
@@ -362,6 +374,15 @@ export class LibvirtDriver implements HypervisorDriver {
     return done ?? emptyMigrateStats("none");
   }
 
+  async resumeMigration(_uri: string): Promise<void> {
+    // libvirt 9.0 can recover a paused post-copy (`virsh migrate --postcopy-resume`); this driver does not drive it yet.
+    throw new FailedPreconditionError("libvirt driver: resuming a paused post-copy migration is not supported yet; recover it with virsh migrate --postcopy --postcopy-resume");
+  }
+
+  async recoverIncoming(_host: string): Promise<string> {
+    throw new FailedPreconditionError("libvirt driver: post-copy recovery is done by libvirt on the source (virsh migrate --postcopy-resume)");
+  }
+
   async prepareIncoming(_s: MigrationSettings, host: string): Promise<string> {
     // libvirt sets up the incoming side itself (capabilities included, from the source's flags): only the port is ours.
     try {
@@ -370,7 +391,7 @@ export class LibvirtDriver implements HypervisorDriver {
         throw new FailedPreconditionError(`libvirt: domain ${this.options.domain} already runs on ${this.options.uri} (${info.state}); it cannot be a migration destination`);
       }
     } catch (err) {
-      if (!(err instanceof VirshError && err.failure === "no-domain")) throw err;
+      if (virshFailure(err) !== "no-domain") throw err;
     }
     const port = await freePort(host);
     this.incomingExpected = true;
@@ -438,7 +459,8 @@ export class LibvirtDriver implements HypervisorDriver {
       if (id !== undefined) state = parseDomstate(await this.virsh(["domstate", "--reason", d]));
       else problem = `domain ${d} is ${info.state}`;
     } catch (err) {
-      if (!(err instanceof VirshError) || err.failure === "other") this.log.warn({ err: errorMessage(err) }, "libvirt: unexpected answer while polling");
+      const f = virshFailure(err);
+      if (f === undefined || f === "other") this.log.warn({ err: errorMessage(err) }, "libvirt: unexpected answer while polling");
       problem = errorMessage(err);
     }
     const runState = state ? runStateOf(state, this.role) : undefined;

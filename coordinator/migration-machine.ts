@@ -61,10 +61,12 @@ export interface MachineTiming {
   pollMs: number;
   /** Longest wait for QEMU to confirm a cancel before the machine ends it anyway. */
   cancelWaitMs: number;
+  /** While post-copy is paused by a broken stream, how often the source tries to recover it. */
+  recoverEveryMs: number;
 }
 
-/** Defaults: lossMs 5000, pollMs 500, cancelWaitMs 10000. */
-export const DEFAULT_TIMING: MachineTiming = { lossMs: 5000, pollMs: 500, cancelWaitMs: 10_000 };
+/** Defaults: lossMs 5000, pollMs 500, cancelWaitMs 10000, recoverEveryMs 2000. */
+export const DEFAULT_TIMING: MachineTiming = { lossMs: 5000, pollMs: 500, cancelWaitMs: 10_000, recoverEveryMs: 2000 };
 
 /** The machine's state. Plain data, so a test can build and compare it. */
 export interface MachineState {
@@ -91,6 +93,10 @@ export interface MachineState {
   migrateStartedAt: number;
   /** QEMU has reported this migration under way (active, device, post-copy) at least once. */
   seenActive: boolean;
+  /** Post-copy is paused: the stream broke (QEMU `postcopy-paused`); the guest is frozen until it is recovered. */
+  paused: boolean;
+  /** When the source last asked for a recovery; 0: never. */
+  lastRecoverAt: number;
   /** Since when the hypervisor is unreachable; null while connected. */
   lostSince: number | null;
   lastPollAt: number;
@@ -137,6 +143,10 @@ export type Effect =
   | { type: "collect-stats" }
   | { type: "restore-balloon"; targetBytes: number }
   | { type: "final"; phase: Phase.COMPLETED | Phase.FAILED | Phase.CANCELLED; error: string }
+  /** Post-copy paused (entered true) or running again (false): the record says so. */
+  | { type: "paused"; paused: boolean }
+  /** Source: ask the destination to listen again, then resume the stream there. */
+  | { type: "recover" }
   /** Work for when the hypervisor is back: the machine has ended without it. */
   | { type: "cleanup-later"; cancelQemu: boolean; restoreBalloonBytes: number };
 
@@ -195,6 +205,8 @@ function base(params: MachineParams, timing: MachineTiming, step: Step): Machine
     prepareRequested: false,
     migrateStartedAt: 0,
     seenActive: false,
+    paused: false,
+    lastRecoverAt: 0,
     lostSince: null,
     lastPollAt: 0,
     cancelSentAt: 0,
@@ -391,6 +403,17 @@ function onStatus(s: MachineState, fx: Effect[], status: string, now: number): T
   }
   if (status === "postcopy-active" || status === "postcopy-paused" || status === "postcopy-recover") {
     setPhase(s, fx, Phase.POSTCOPY_ACTIVE, s.pass);
+    if (status === "postcopy-paused" && !s.paused) {
+      s.paused = true;
+      fx.push({ type: "paused", paused: true });
+      if (out) {
+        s.lastRecoverAt = now;
+        fx.push({ type: "recover" });
+      }
+    } else if (status === "postcopy-active" && s.paused) {
+      s.paused = false;
+      fx.push({ type: "paused", paused: false });
+    }
   } else if (status === "active" && out) {
     if (s.phase !== Phase.PRECOPY_PASS && s.phase !== Phase.SWITCHOVER) setPhase(s, fx, Phase.PRECOPY_PASS, Math.max(1, s.pass));
     if (s.params.mode === MigrationMode.POSTCOPY) requestPostcopy(s, fx);
@@ -446,6 +469,11 @@ function onTick(s: MachineState, fx: Effect[], now: number): Transition {
   }
   if (s.step === "cancelling" && s.lostSince === null && now - s.cancelSentAt >= s.timing.cancelWaitMs) {
     return decide(s, fx, Phase.CANCELLED, `cancelled by request; QEMU did not confirm within ${s.timing.cancelWaitMs} ms`, now);
+  }
+  if (s.paused && s.params.direction === "outgoing" && s.lostSince === null && now - s.lastRecoverAt >= s.timing.recoverEveryMs) {
+    // A resume that could not connect drops QEMU back to postcopy-paused: keep trying while it is.
+    s.lastRecoverAt = now;
+    fx.push({ type: "recover" });
   }
   if ((s.step === "running" || s.step === "cancelling") && s.lostSince === null && now - s.lastPollAt >= s.timing.pollMs) {
     s.lastPollAt = now;

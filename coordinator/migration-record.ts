@@ -154,13 +154,18 @@ export function recordToProto(r: MigrationRecord): Migration {
   });
 }
 
+const POSTCOPY_STATE = new Set(["postcopy-paused", "postcopy-recovered"]);
+
 /**
  * The record's error for the wire: the proto has no cleanup list, so failed
  * cleanups (e.g. the balloon could not be restored) are appended to it.
  */
 function errorWithCleanups(r: MigrationRecord): string {
-  const failed = r.cleanups.filter((c) => !c.ok).map((c) => `${c.action} failed${c.detail ? `: ${c.detail}` : ""}`);
-  return [r.error, ...failed].filter((s) => s !== "").join("; ");
+  const failed = r.cleanups.filter((c) => !c.ok && !POSTCOPY_STATE.has(c.action)).map((c) => `${c.action} failed${c.detail ? `: ${c.detail}` : ""}`);
+  // A paused post-copy is a condition, not a failure: shown only while it lasts.
+  const lastPostcopy = [...r.cleanups].reverse().find((c) => POSTCOPY_STATE.has(c.action));
+  const paused = lastPostcopy?.action === "postcopy-paused" ? [`post-copy paused: ${lastPostcopy.detail}`] : [];
+  return [r.error, ...paused, ...failed].filter((s) => s !== "").join("; ");
 }
 
 /** A fresh record in phase UNSPECIFIED. */

@@ -177,6 +177,16 @@ export class Qemu {
     await this.qmp.execute("migrate", { uri: nonEmpty(uri, "migrate: uri") });
   }
 
+  /** `migrate` with `resume: true`: continues a post-copy migration paused by a broken stream, to the destination's `migrate-recover` URI. */
+  async migrateResume(uri: string): Promise<void> {
+    await this.qmp.execute("migrate", { uri: nonEmpty(uri, "migrate (resume): uri"), resume: true });
+  }
+
+  /** `migrate-recover` on a destination in `postcopy-paused`: listens on `uri` for the source to resume. */
+  async migrateRecover(uri: string): Promise<void> {
+    await this.qmp.execute("migrate-recover", { uri: nonEmpty(uri, "migrate-recover: uri") });
+  }
+
   /** `migrate-incoming` on a destination started with `-incoming defer`. */
   async migrateIncoming(uri: string): Promise<void> {
     await this.qmp.execute("migrate-incoming", { uri: nonEmpty(uri, "migrate-incoming: uri") });
@@ -217,12 +227,18 @@ function str(v: unknown, field: string, where = WHERE): string {
   return v;
 }
 
-/** An optional integer field: absent reads as 0, anything but a finite integer throws. */
+/**
+ * An optional counter: absent reads as 0; anything but a non-negative safe integer throws (QEMU's
+ * counters are never negative, and one beyond 2^53 would not be exact, e.g. 1e300 or JSON's 1e400).
+ */
 function int(obj: Record<string, unknown>, key: string, prefix: string, where = WHERE): number {
   const v = obj[key];
   if (v === undefined) return 0;
   if (typeof v !== "number" || !Number.isInteger(v)) {
     throw new InvalidArgumentError(`${where}: ${prefix}${key} must be an integer, got ${describe(v)}`);
+  }
+  if (!Number.isSafeInteger(v) || v < 0) {
+    throw new InvalidArgumentError(`${where}: ${prefix}${key} must be an integer in [0, 2^53), got ${describe(v)}`);
   }
   return v;
 }

@@ -132,6 +132,16 @@ export class QmpDriver implements HypervisorDriver {
     return this.options.agentSocket || undefined;
   }
 
+  resumeMigration(uri: string): Promise<void> {
+    return this.qemu.migrateResume(uri);
+  }
+
+  async recoverIncoming(host: string): Promise<string> {
+    const uri = `tcp:${host}:${await freePort(host)}`;
+    await this.qemu.migrateRecover(uri);
+    return uri;
+  }
+
   async prepareIncoming(s: MigrationSettings, host: string): Promise<string> {
     await this.configureMigration({ postcopy: s.postcopy });
     const uri = `tcp:${host}:${await freePort(host)}`;
@@ -230,7 +240,10 @@ export function translateQmpEvent(ev: QmpEvent): DriverEvent | undefined {
     case "MIGRATION":
       return typeof ev.data.status === "string" ? { type: "migration-status", status: ev.data.status } : undefined;
     case "MIGRATION_PASS":
-      return typeof ev.data.pass === "number" ? { type: "migration-pass", pass: ev.data.pass } : undefined;
+      // A pass is a uint32 on the wire (PhaseEvent.pass, Migration.pass): anything else cannot be sent on.
+      return typeof ev.data.pass === "number" && Number.isInteger(ev.data.pass) && ev.data.pass >= 0 && ev.data.pass <= 0xffff_ffff
+        ? { type: "migration-pass", pass: ev.data.pass }
+        : undefined;
     case "STOP":
       return { type: "stop" };
     case "RESUME":

@@ -191,6 +191,11 @@ export function peerService(domain: Domain): ServiceImpl<typeof PeerService> {
         balloon: { targetBytes: toU64(v.balloonTargetBytes ?? 0), actualBytes: toU64(v.balloonActualBytes ?? 0), ramBytes: toU64(v.ramBytes) },
       };
     },
+    async recoverIncoming(req) {
+      const rec = domain.store.get(requireId(req.migrationId, "migration_id"));
+      if (rec.direction !== "incoming") throw new NotFoundError(`no incoming migration ${JSON.stringify(rec.id)}`);
+      return { uri: await findVm(domain, rec.vm).recoverIncoming(rec.id) };
+    },
     async getPeerInfo() {
       return { coordinatorId: coordinatorId(domain) };
     },

@@ -115,6 +115,9 @@ export const SHRINK_PER_SECOND = 0.5;
 /** Agent grows reach QEMU at most once per this many ms (coalesced to the newest target): a 250 ms pressure reaction. */
 export const GROW_GAP_MS = 250;
 
+/** How often the supervisor re-reads the balloon's actual size. */
+const BALLOON_REFRESH_MS = 5000;
+
 /** Supervises one VM. */
 export class VmSupervisor {
   readonly name: string;
@@ -139,6 +142,7 @@ export class VmSupervisor {
   private lastBackstopAt = 0;
   private leaseBusy = false;
   private cleanupRunning = false;
+  private lastRefreshAt = 0;
   private readonly shrinkBudget: TokenBucket;
   private readonly refusedLog = new LogLimiter(10_000);
   private readonly refusedCount = new Map<string, number>();
@@ -310,6 +314,20 @@ export class VmSupervisor {
     return uri;
   }
 
+  /** Destination: listens again for migration `id`, paused in post-copy; returns the URI the source resumes to. */
+  async recoverIncoming(id: string): Promise<string> {
+    const slot = this.slot;
+    if (!slot || slot.record.id !== id || slot.state.params.direction !== "incoming" || machine.isDone(slot.state)) {
+      throw new FailedPreconditionError(`migration ${id} is not incoming on VM ${this.name} here`);
+    }
+    await this.ready();
+    const status = (await this.driver.queryMigration()).status;
+    if (status !== "postcopy-paused") throw new FailedPreconditionError(`migration ${id} is ${status} here, not postcopy-paused`);
+    const uri = await this.driver.recoverIncoming(this.options.incomingHost);
+    this.log.info({ id, uri }, "listening to resume a paused post-copy migration");
+    return uri;
+  }
+
   private resume(r: MigrationRecord): void {
     const now = this.now();
     const st = machine.resumed(
@@ -438,6 +456,28 @@ export class VmSupervisor {
         return;
       case "restore-balloon":
         void this.restoreBalloon(slot, fx.targetBytes).finally(() => this.feed(slot, { type: "restored", now: this.now() }));
+        return;
+      case "paused":
+        this.append(slot, {
+          type: "cleanup",
+          atMs: this.now(),
+          action: fx.paused ? "postcopy-paused" : "postcopy-recovered",
+          ok: !fx.paused,
+          detail: fx.paused ? "the migration stream broke during post-copy: the guest is frozen until the stream is recovered" : "post-copy runs again",
+        });
+        this.log[fx.paused ? "error" : "info"]({ id, direction: slot.state.params.direction }, fx.paused ? "post-copy paused: migration stream lost" : "post-copy recovered");
+        // A frozen guest cannot renew its lease: count it from the recovery, not from the pause.
+        if (!fx.paused) this.leaseStartAt = Math.max(this.leaseStartAt, this.now());
+        return;
+      case "recover":
+        this.options
+          .peer(params.destination)
+          .recoverIncoming({ migrationId: id }, { deadlineMs: 10_000, signal })
+          .then(async ({ uri }) => {
+            await this.driver.resumeMigration(uri);
+            this.log.info({ id, uri }, "post-copy resume requested");
+          })
+          .catch((err: unknown) => this.log.warn({ id, err: describeError(err) }, "post-copy recovery attempt failed; will retry"));
         return;
       case "cleanup-later":
         this.pendingCleanup = { id, cancelQemu: fx.cancelQemu, restoreBalloonBytes: fx.restoreBalloonBytes };
@@ -581,6 +621,8 @@ export class VmSupervisor {
         return;
       case "resume":
         if (this.slot?.state.params.direction === "incoming") this.leaseStartAt = Math.max(this.leaseStartAt, now);
+        // The balloon arrives with the guest: what was read while `inmigrate` is stale.
+        this.balloon?.refresh().catch(() => {});
         return;
       case "balloon-change":
         this.balloon?.learnActual(e.actualBytes);
@@ -763,6 +805,11 @@ export class VmSupervisor {
   private tick(): void {
     const now = this.now();
     this.dispatch({ type: "tick", now });
+    // BALLOON_CHANGE is throttled and can be missed across a reconnect or an arrival: re-read now and then.
+    if (now - this.lastRefreshAt >= BALLOON_REFRESH_MS && this.driver.connected) {
+      this.lastRefreshAt = now;
+      this.balloon?.refresh().catch(() => {});
+    }
     void this.checkLease(now);
   }
 

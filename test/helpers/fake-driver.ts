@@ -237,6 +237,15 @@ export class FakeDriver implements HypervisorDriver {
     return typeof this.migration === "function" ? this.migration() : this.migration;
   }
 
+  async resumeMigration(uri: string): Promise<void> {
+    this.command("resumeMigration", [uri]);
+  }
+
+  async recoverIncoming(host: string): Promise<string> {
+    this.command("recoverIncoming", [host]);
+    return this.incomingUri;
+  }
+
   async prepareIncoming(settings: MigrationSettings, host: string): Promise<string> {
     this.command("prepareIncoming", [settings, host]);
     return this.incomingUri;

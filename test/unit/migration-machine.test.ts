@@ -8,7 +8,7 @@ import { BalloonStrategy, MigrationMode, Phase } from "../../gen/ballast/v1/comm
 import * as m from "../../coordinator/migration-machine.js";
 
 type Ev = m.MachineEvent;
-const T = { lossMs: 5000, pollMs: 500, cancelWaitMs: 10_000 };
+const T = { lossMs: 5000, pollMs: 500, cancelWaitMs: 10_000, recoverEveryMs: 2000 };
 
 function params(over: Partial<m.MachineParams> = {}): Omit<m.MachineParams, "direction"> {
   return { id: "m1", mode: MigrationMode.PRECOPY, strategy: BalloonStrategy.INFLATE_THEN_MIGRATE, prepareDeadlineMs: 10_000, postcopyAfterPasses: 2, ...over };
@@ -415,5 +415,43 @@ describe("the machine after its end", () => {
   it("a failure while collecting stats does not change the outcome", () => {
     const s = feed(noPrepare(), [...upToRunning(), { type: "status", now: 1, status: "completed" }, { type: "failed", now: 2, error: "query failed" }]);
     expect(finalOf(s.effects)).toEqual({ type: "final", phase: Phase.COMPLETED, error: "" });
+  });
+});
+
+describe("post-copy paused by a broken stream", () => {
+  const pc = () => feed(m.outgoing(params({ mode: MigrationMode.POSTCOPY, strategy: BalloonStrategy.NONE }), T), [...upToRunning(), { type: "status", now: 1, status: "postcopy-active" }]);
+
+  it("source: says so, asks for a recovery at once and again every recoverEveryMs while paused", () => {
+    const s = feed(pc().state, [{ type: "status", now: 100, status: "postcopy-paused" }]);
+    expect(s.effects).toEqual([{ type: "paused", paused: true }, { type: "recover" }]);
+    const t = feed(s.state, [{ type: "tick", now: 1000 }, { type: "tick", now: 2100 }, { type: "tick", now: 2200 }, { type: "tick", now: 4100 }]);
+    expect(types(t.effects).filter((x) => x === "recover")).toHaveLength(2);
+    // Still not cancellable, and not failed.
+    expect(m.cancelVerdict(t.state).ok).toBe(false);
+    expect(t.state.outcome).toBeUndefined();
+  });
+
+  it("source: running again ends the pause and the retries, then completes", () => {
+    const s = feed(pc().state, [
+      { type: "status", now: 100, status: "postcopy-paused" },
+      { type: "status", now: 200, status: "postcopy-recover" },
+      { type: "status", now: 300, status: "postcopy-active" },
+      { type: "tick", now: 5000 },
+      { type: "status", now: 6000, status: "completed" },
+      { type: "stats-done", now: 6100 },
+    ]);
+    expect(s.effects.filter((e) => e.type === "paused")).toEqual([{ type: "paused", paused: true }, { type: "paused", paused: false }]);
+    expect(types(s.effects).filter((x) => x === "recover")).toHaveLength(1);
+    expect(finalOf(s.effects)?.phase).toBe(Phase.COMPLETED);
+  });
+
+  it("destination: says so, but never asks for a recovery itself (the source drives it)", () => {
+    const s = feed(m.incoming(params({ mode: MigrationMode.POSTCOPY, strategy: BalloonStrategy.NONE }), 0, T), [
+      { type: "status", now: 1, status: "postcopy-active" },
+      { type: "status", now: 2, status: "postcopy-paused" },
+      { type: "tick", now: 10_000 },
+    ]);
+    expect(s.effects).toContainEqual({ type: "paused", paused: true });
+    expect(types(s.effects)).not.toContain("recover");
   });
 });

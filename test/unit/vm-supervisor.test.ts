@@ -24,7 +24,7 @@ import { FakeDriver, migrateStats, type FakeDriverOptions } from "../helpers/fak
 const RAM = 1024 * MiB;
 const LOSS_MS = 300;
 const LEASE_MS = 300;
-const TIMING: MachineTiming = { lossMs: LOSS_MS, pollMs: 40, cancelWaitMs: 1500 };
+const TIMING: MachineTiming = { lossMs: LOSS_MS, pollMs: 40, cancelWaitMs: 1500, recoverEveryMs: 200 };
 const TICK_MS = 20;
 
 // ---- fakes -------------------------------------------------------------------
@@ -80,6 +80,8 @@ class FakeLink implements AgentLink {
 class FakePeer {
   readonly prepareCalls: Array<{ vm: string; migrationId: string; mode: MigrationMode }> = [];
   readonly getIncomingCalls: string[] = [];
+  readonly recoverCalls: string[] = [];
+  recoverFails = 0;
   uri = "tcp:10.0.0.2:4444";
   incoming: GetIncomingResponse = create(GetIncomingResponseSchema, {
     phase: Phase.COMPLETED,
@@ -94,6 +96,14 @@ class FakePeer {
     getIncoming: async (req: { migrationId?: string }) => {
       this.getIncomingCalls.push(req.migrationId ?? "");
       return this.incoming;
+    },
+    recoverIncoming: async (req: { migrationId?: string }) => {
+      this.recoverCalls.push(req.migrationId ?? "");
+      if (this.recoverFails > 0) {
+        this.recoverFails--;
+        throw new Error("destination not reachable");
+      }
+      return { uri: "tcp:10.0.0.2:5555" };
     },
     close: () => {},
   } as unknown as Client<typeof PeerService>;
@@ -759,5 +769,32 @@ describe("the agent's balloon budget", { timeout: 15_000 }, () => {
     await h.sup.agentBalloonRequest(link, { targetBytes: 700 * MiB, reason: BalloonReason.STEADY_STATE, migrationId: "", detail: "" });
     for (let i = 0; i < 50; i++) await h.sup.agentBalloonRequest(link, { targetBytes: 700 * MiB, reason: BalloonReason.STEADY_STATE, migrationId: "", detail: "" });
     expect(h.driver.balloonCalls).toEqual([700 * MiB]);
+  });
+});
+
+// ---- post-copy paused -------------------------------------------------------------------------
+
+describe("post-copy paused by a broken stream", { timeout: 10_000 }, () => {
+  it("the source keeps asking the destination to listen again and resumes there; the record says paused, then recovered", async () => {
+    const h = harness({ driver: { balloonActualBytes: 900 * MiB } });
+    await upAndReady(h);
+    h.peer.recoverFails = 2;
+    await startPrecopy(h, "m-pp", { mode: MigrationMode.POSTCOPY });
+    h.driver.emit({ type: "migration-status", status: "postcopy-active" });
+    await until(() => h.store.get("m-pp").phase === Phase.POSTCOPY_ACTIVE, "POSTCOPY_ACTIVE");
+    h.driver.migration = migrateStats("postcopy-paused");
+    h.driver.emit({ type: "migration-status", status: "postcopy-paused" });
+    await until(() => h.driver.callsOf("resumeMigration").length === 1, "a resume after two failed recover calls");
+    expect(h.peer.recoverCalls.length).toBe(3);
+    expect(h.driver.callsOf("resumeMigration")[0]?.args[0]).toBe("tcp:10.0.0.2:5555");
+    expect(actions(h.store.get("m-pp"))).toContain("postcopy-paused");
+    h.driver.migration = migrateStats("postcopy-active");
+    h.driver.emit({ type: "migration-status", status: "postcopy-active" });
+    await until(() => actions(h.store.get("m-pp")).includes("postcopy-recovered"), "recovered");
+    // Never cancelled, and it can still complete.
+    expect(h.driver.callsOf("cancelMigration")).toHaveLength(0);
+    h.driver.migration = migrateStats("completed");
+    h.driver.emit({ type: "migration-status", status: "completed" });
+    expect((await h.sup.whenDone("m-pp")).phase).toBe(Phase.COMPLETED);
   });
 });

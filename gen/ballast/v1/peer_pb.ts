@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file ballast/v1/peer.proto.
  */
 export const file_ballast_v1_peer: GenFile = /*@__PURE__*/
-  fileDesc("ChViYWxsYXN0L3YxL3BlZXIucHJvdG8SCmJhbGxhc3QudjEiYwoWUHJlcGFyZUluY29taW5nUmVxdWVzdBIKCgJ2bRgBIAEoCRIUCgxtaWdyYXRpb25faWQYAiABKAkSJwoEbW9kZRgDIAEoDjIZLmJhbGxhc3QudjEuTWlncmF0aW9uTW9kZSImChdQcmVwYXJlSW5jb21pbmdSZXNwb25zZRILCgN1cmkYASABKAkiKgoSR2V0SW5jb21pbmdSZXF1ZXN0EhQKDG1pZ3JhdGlvbl9pZBgBIAEoCSKNAQoTR2V0SW5jb21pbmdSZXNwb25zZRIgCgVwaGFzZRgBIAEoDjIRLmJhbGxhc3QudjEuUGhhc2USKQoFc3RhdHMYAiABKAsyGi5iYWxsYXN0LnYxLk1pZ3JhdGlvblN0YXRzEikKB2JhbGxvb24YAyABKAsyGC5iYWxsYXN0LnYxLkJhbGxvb25TdGF0ZSIUChJHZXRQZWVySW5mb1JlcXVlc3QiLQoTR2V0UGVlckluZm9SZXNwb25zZRIWCg5jb29yZGluYXRvcl9pZBgBIAEoCTKJAgoLUGVlclNlcnZpY2USWgoPUHJlcGFyZUluY29taW5nEiIuYmFsbGFzdC52MS5QcmVwYXJlSW5jb21pbmdSZXF1ZXN0GiMuYmFsbGFzdC52MS5QcmVwYXJlSW5jb21pbmdSZXNwb25zZRJOCgtHZXRJbmNvbWluZxIeLmJhbGxhc3QudjEuR2V0SW5jb21pbmdSZXF1ZXN0Gh8uYmFsbGFzdC52MS5HZXRJbmNvbWluZ1Jlc3BvbnNlEk4KC0dldFBlZXJJbmZvEh4uYmFsbGFzdC52MS5HZXRQZWVySW5mb1JlcXVlc3QaHy5iYWxsYXN0LnYxLkdldFBlZXJJbmZvUmVzcG9uc2ViBnByb3RvMw", [file_ballast_v1_common]);
+  fileDesc("ChViYWxsYXN0L3YxL3BlZXIucHJvdG8SCmJhbGxhc3QudjEiYwoWUHJlcGFyZUluY29taW5nUmVxdWVzdBIKCgJ2bRgBIAEoCRIUCgxtaWdyYXRpb25faWQYAiABKAkSJwoEbW9kZRgDIAEoDjIZLmJhbGxhc3QudjEuTWlncmF0aW9uTW9kZSImChdQcmVwYXJlSW5jb21pbmdSZXNwb25zZRILCgN1cmkYASABKAkiKgoSR2V0SW5jb21pbmdSZXF1ZXN0EhQKDG1pZ3JhdGlvbl9pZBgBIAEoCSKNAQoTR2V0SW5jb21pbmdSZXNwb25zZRIgCgVwaGFzZRgBIAEoDjIRLmJhbGxhc3QudjEuUGhhc2USKQoFc3RhdHMYAiABKAsyGi5iYWxsYXN0LnYxLk1pZ3JhdGlvblN0YXRzEikKB2JhbGxvb24YAyABKAsyGC5iYWxsYXN0LnYxLkJhbGxvb25TdGF0ZSIUChJHZXRQZWVySW5mb1JlcXVlc3QiLQoTR2V0UGVlckluZm9SZXNwb25zZRIWCg5jb29yZGluYXRvcl9pZBgBIAEoCSIuChZSZWNvdmVySW5jb21pbmdSZXF1ZXN0EhQKDG1pZ3JhdGlvbl9pZBgBIAEoCSImChdSZWNvdmVySW5jb21pbmdSZXNwb25zZRILCgN1cmkYASABKAky5QIKC1BlZXJTZXJ2aWNlEloKD1ByZXBhcmVJbmNvbWluZxIiLmJhbGxhc3QudjEuUHJlcGFyZUluY29taW5nUmVxdWVzdBojLmJhbGxhc3QudjEuUHJlcGFyZUluY29taW5nUmVzcG9uc2USTgoLR2V0SW5jb21pbmcSHi5iYWxsYXN0LnYxLkdldEluY29taW5nUmVxdWVzdBofLmJhbGxhc3QudjEuR2V0SW5jb21pbmdSZXNwb25zZRJOCgtHZXRQZWVySW5mbxIeLmJhbGxhc3QudjEuR2V0UGVlckluZm9SZXF1ZXN0Gh8uYmFsbGFzdC52MS5HZXRQZWVySW5mb1Jlc3BvbnNlEloKD1JlY292ZXJJbmNvbWluZxIiLmJhbGxhc3QudjEuUmVjb3ZlckluY29taW5nUmVxdWVzdBojLmJhbGxhc3QudjEuUmVjb3ZlckluY29taW5nUmVzcG9uc2ViBnByb3RvMw", [file_ballast_v1_common]);
 
 /**
  * @generated from message ballast.v1.PrepareIncomingRequest
@@ -140,6 +140,42 @@ export const GetPeerInfoResponseSchema: GenMessage<GetPeerInfoResponse> = /*@__P
   messageDesc(file_ballast_v1_peer, 5);
 
 /**
+ * @generated from message ballast.v1.RecoverIncomingRequest
+ */
+export type RecoverIncomingRequest = Message<"ballast.v1.RecoverIncomingRequest"> & {
+  /**
+   * @generated from field: string migration_id = 1;
+   */
+  migrationId: string;
+};
+
+/**
+ * Describes the message ballast.v1.RecoverIncomingRequest.
+ * Use `create(RecoverIncomingRequestSchema)` to create a new message.
+ */
+export const RecoverIncomingRequestSchema: GenMessage<RecoverIncomingRequest> = /*@__PURE__*/
+  messageDesc(file_ballast_v1_peer, 6);
+
+/**
+ * @generated from message ballast.v1.RecoverIncomingResponse
+ */
+export type RecoverIncomingResponse = Message<"ballast.v1.RecoverIncomingResponse"> & {
+  /**
+   * Where the source QEMU must resume the stream, e.g. tcp:127.0.0.1:4445.
+   *
+   * @generated from field: string uri = 1;
+   */
+  uri: string;
+};
+
+/**
+ * Describes the message ballast.v1.RecoverIncomingResponse.
+ * Use `create(RecoverIncomingResponseSchema)` to create a new message.
+ */
+export const RecoverIncomingResponseSchema: GenMessage<RecoverIncomingResponse> = /*@__PURE__*/
+  messageDesc(file_ballast_v1_peer, 7);
+
+/**
  * Served by each host coordinator to its peers.
  *
  * @generated from service ballast.v1.PeerService
@@ -176,6 +212,18 @@ export const PeerService: GenService<{
     methodKind: "unary";
     input: typeof GetPeerInfoRequestSchema;
     output: typeof GetPeerInfoResponseSchema;
+  },
+  /**
+   * The source asks the destination to listen again for a post-copy
+   * migration whose stream broke (QEMU `postcopy-paused`); the answer is the
+   * new URI to resume to (`migrate` with `resume: true`).
+   *
+   * @generated from rpc ballast.v1.PeerService.RecoverIncoming
+   */
+  recoverIncoming: {
+    methodKind: "unary";
+    input: typeof RecoverIncomingRequestSchema;
+    output: typeof RecoverIncomingResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_ballast_v1_peer, 0);
