@@ -104,12 +104,40 @@ class RequestQueue implements AsyncIterable<SessionRequestInit> {
   }
 }
 
+let headersLoaded = false;
+
+/**
+ * connect-es uses the WHATWG `Headers` global. Node loads it lazily from its
+ * bundled undici, whose HTTP/1 client then compiles llhttp as WebAssembly in
+ * an async step whose rejection nobody catches. Under `--lite-mode` (the
+ * agent's systemd unit and the lab's supervisor; it implies `--jitless`)
+ * there is no `WebAssembly`, so that rejection would kill the agent the first
+ * time a Session starts (measured in the lab guest). We never use undici's
+ * HTTP/1 client: load the globals once here and drop exactly that rejection.
+ */
+function loadHeadersGlobal(): void {
+  if (headersLoaded) return;
+  headersLoaded = true;
+  if ((globalThis as { WebAssembly?: unknown }).WebAssembly !== undefined) return;
+  const ignore = (reason: unknown) => {
+    if (reason instanceof ReferenceError && /WebAssembly/.test(reason.message)) return;
+    // Anything else keeps Node's default behaviour: crash loudly.
+    process.off("unhandledRejection", ignore);
+    throw reason;
+  };
+  process.on("unhandledRejection", ignore);
+  void globalThis.Headers;
+  // The rejection is reported after this tick's microtasks; the handler goes once that is over.
+  setTimeout(() => process.off("unhandledRejection", ignore), 100).unref();
+}
+
 /**
  * One AgentService.Session call over an open byte stream (the port), with
  * connect-node's gRPC transport: HTTP/2 on `socket`, PINGs for liveness.
  * `close()` cancels the call and closes the stream (the fd).
  */
 export function sessionOverStream(socket: Socket, authority = "virtio-port"): SessionConnection {
+  loadHeadersGlobal();
   // The port's own errors (EOF, EIO) surface through the HTTP/2 session; never as an unhandled 'error'.
   socket.on("error", () => undefined);
   const transport = createGrpcTransport({

@@ -5,9 +5,12 @@
  * there. Because the guest can go back and forth, a test can migrate the
  * same guest state twice (plain, then Ballast) and compare like for like.
  *
- * Each host's QEMU forwards the guest's 10.0.2.100:50051 to that host's
- * coordinator agent port on 127.0.0.1, so after switchover the agent
+ * The agent's channel is a virtio-serial port (lab/vm.ts): each host's QEMU
+ * serves the port's host end as a unix socket, and that host's coordinator
+ * connects to it (`vms[].agentSocket`), so after switchover the agent
  * re-attaches to the destination's coordinator, as between real hypervisors.
+ * `agentChannel: "tcp"` gives the older path instead: slirp guestfwd from the
+ * guest's 10.0.2.100:50051 to the coordinator's agent port on 127.0.0.1.
  */
 import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -61,6 +64,11 @@ export interface LabOptions {
    * {@link Lab.qmpProxies}. Default false.
    */
   qmpProxy?: boolean;
+  /**
+   * The agent's channel: "virtio-serial" (default: the port, no network
+   * device in the guest) or "tcp" (guestfwd to each coordinator's agentPort).
+   */
+  agentChannel?: "virtio-serial" | "tcp";
   /** Progress lines for people ("booting guest on host a"). */
   onProgress?: (step: string) => void;
   logger?: Logger;
@@ -128,7 +136,15 @@ export class Lab {
           listen: `127.0.0.1:${listenPort}`,
           ...(stateDir ? { stateDir } : {}),
           defaults: { steadyState: options.steadyState ?? false, sampleIntervalMs: options.sampleIntervalMs ?? 1000 },
-          vms: [{ name: VM_NAME, qmpSocket, agentId: VM_NAME, floor: options.floor ?? "256MiB", agentPort }],
+          vms: [
+            {
+              name: VM_NAME,
+              qmpSocket,
+              agentId: VM_NAME,
+              floor: options.floor ?? "256MiB",
+              ...(options.agentChannel === "tcp" ? { agentPort } : { agentSocket: vmPaths(workDir, name).agentSocket }),
+            },
+          ],
         });
         started.push(coordinator);
         return {
@@ -227,7 +243,7 @@ export class Lab {
       workDir: this.workDir,
       image: this.image,
       memMiB: this.options.memMiB ?? 1024,
-      guestfwdPort: this.hosts[name].agentPort,
+      ...(this.options.agentChannel === "tcp" ? { guestfwdPort: this.hosts[name].agentPort, agentChannel: "tcp" as const } : {}),
       incoming,
       freePageReporting: this.options.freePageReporting ?? false,
       dataDisk: this.options.dataDisk ?? true,

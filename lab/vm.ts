@@ -2,13 +2,18 @@
  * Starts one lab QEMU process (TCG, q35) for a guest image from
  * guest-image.ts. The important invariants of the command line are:
  *
- * - `-nodefaults` always, and user networking with `restrict=on`: the guest
- *   reaches only 10.0.2.100:50051, which QEMU forwards (one socat per guest
- *   connection) to 127.0.0.1:<guestfwdPort>. No other traffic leaves loopback.
+ * - `-nodefaults` always. The agent's channel is a virtio-serial port named
+ *   `org.ballast.agent.0` (`id=agentport`, so QMP emits VSERPORT_CHANGE)
+ *   whose host end is the unix socket `<name>.agent.sock`; this host's
+ *   coordinator connects to it (`vms[].agentSocket`). There is no network
+ *   device unless `guestfwdPort` is given: then user networking with
+ *   `restrict=on`, where the guest reaches only 10.0.2.100:50051, which QEMU
+ *   forwards (one socat per guest connection) to 127.0.0.1:<guestfwdPort>
+ *   (the older TCP channel, kept as an option).
  * - The migration destination is the *same* command plus `-incoming defer`:
- *   same devices, same device properties (free-page-reporting, data disk),
- *   same kernel/initrd/append. Build both sides with the same options apart
- *   from `name`, `guestfwdPort` and `incoming`.
+ *   same devices, same device properties (free-page-reporting, data disk,
+ *   network or not), same kernel/initrd/append. Build both sides with the
+ *   same options apart from `name`, `guestfwdPort` and `incoming`.
  * - `free-page-hint` is never enabled: it crashed destination guests here.
  */
 import { spawn } from "node:child_process";
@@ -27,8 +32,14 @@ export interface StartVmOptions {
   image: GuestImage;
   /** Guest RAM in MiB. Default 1024. */
   memMiB?: number;
-  /** Host port on 127.0.0.1 that the guest's 10.0.2.100:50051 reaches (this "hypervisor's" coordinator). */
-  guestfwdPort: number;
+  /**
+   * Adds user networking whose only reachable address, 10.0.2.100:50051,
+   * QEMU forwards to this port on 127.0.0.1 (the TCP agent channel). Default:
+   * no network device; the agent uses its virtio-serial port.
+   */
+  guestfwdPort?: number;
+  /** The agent's channel, passed as kernel arg ballast.channel (agent --channel). Default: the agent's own default (auto). */
+  agentChannel?: "auto" | "virtio-serial" | "tcp";
   /** Start paused, waiting for `migrate-incoming` (adds `-incoming defer`). */
   incoming?: boolean;
   /** Adds free-page-reporting=on to the balloon. Must match on both migration sides. */
@@ -55,6 +66,8 @@ export interface VmHandle {
   labQmpPath: string;
   /** Unix socket of the guest's serial console (ttyS0); see GuestShell. */
   serialPath: string;
+  /** Unix socket of the agent's virtio-serial port (the coordinator's `agentSocket`). */
+  agentSocket: string;
   /** Everything the guest printed on ttyS0, written by QEMU itself. */
   serialLog: string;
   /** QEMU's own stdout/stderr. */
@@ -82,6 +95,7 @@ export function vmPaths(workDir: string, name: string) {
     qmpPath: `${base}.qmp`,
     labQmpPath: `${base}.lab.qmp`,
     serialPath: `${base}.serial.sock`,
+    agentSocket: `${base}.agent.sock`,
     serialLog: `${base}.serial.log`,
     pidFile: `${base}.pid`,
     qemuLog: `${base}.qemu.log`,
@@ -89,9 +103,10 @@ export function vmPaths(workDir: string, name: string) {
 }
 
 /** The kernel command line for these options. */
-export function kernelAppend(options: Pick<StartVmOptions, "name" | "vmId" | "agent" | "extraAppend">): string {
+export function kernelAppend(options: Pick<StartVmOptions, "name" | "vmId" | "agent" | "agentChannel" | "extraAppend">): string {
   const parts = ["console=ttyS0", "quiet", "panic=-1", `ballast.vm_id=${options.vmId ?? options.name}`];
   if (options.agent === false) parts.push("ballast.agent=0");
+  if (options.agentChannel) parts.push(`ballast.channel=${options.agentChannel}`);
   if (options.extraAppend) parts.push(options.extraAppend);
   return parts.join(" ");
 }
@@ -123,6 +138,10 @@ export function qemuArgs(options: StartVmOptions): string[] {
     "-qmp", `unix:${p.labQmpPath},server=on,wait=off`,
     "-pidfile", p.pidFile,
     "-device", balloon.join(","),
+    // The agent's channel (README "Agent channel"); QEMU serves the socket, the coordinator is its one client.
+    "-device", "virtio-serial-pci,id=vser0",
+    "-chardev", `socket,id=agentch,path=${p.agentSocket},server=on,wait=off`,
+    "-device", "virtserialport,bus=vser0.0,chardev=agentch,name=org.ballast.agent.0,id=agentport",
     "-drive", `file=${options.image.rootfs},if=none,id=root0,format=raw,readonly=on`,
     "-device", "virtio-blk-pci,drive=root0",
   ];
@@ -132,18 +151,20 @@ export function qemuArgs(options: StartVmOptions): string[] {
       "-device", "virtio-blk-pci,drive=data0",
     );
   }
-  args.push(
-    "-netdev",
-    `user,id=n0,restrict=on,ipv6=off,guestfwd=tcp:${GUEST_COORDINATOR_ADDR}-cmd:socat - TCP:127.0.0.1:${options.guestfwdPort}`,
-    "-device", "virtio-net-pci,netdev=n0,romfile=",
-  );
+  if (options.guestfwdPort !== undefined) {
+    args.push(
+      "-netdev",
+      `user,id=n0,restrict=on,ipv6=off,guestfwd=tcp:${GUEST_COORDINATOR_ADDR}-cmd:socat - TCP:127.0.0.1:${options.guestfwdPort}`,
+      "-device", "virtio-net-pci,netdev=n0,romfile=",
+    );
+  }
   if (options.incoming) args.push("-incoming", "defer");
   return args;
 }
 
 function validate(options: StartVmOptions): void {
   if (!NAME_RE.test(options.name)) throw new InvalidArgumentError(`startVm: name ${JSON.stringify(options.name)} must match ${NAME_RE}`);
-  if (!Number.isInteger(options.guestfwdPort) || options.guestfwdPort < 1 || options.guestfwdPort > 65535) {
+  if (options.guestfwdPort !== undefined && (!Number.isInteger(options.guestfwdPort) || options.guestfwdPort < 1 || options.guestfwdPort > 65535)) {
     throw new InvalidArgumentError(`startVm: guestfwdPort must be a TCP port, got ${options.guestfwdPort}`);
   }
   const mem = options.memMiB ?? 1024;
@@ -154,7 +175,7 @@ function validate(options: StartVmOptions): void {
   for (const file of [...Object.values(p), options.image.kernel, options.image.initrd, options.image.rootfs, options.image.dataDisk]) {
     if (file.includes(",")) throw new InvalidArgumentError(`startVm: path ${file} contains a comma`);
   }
-  for (const sock of [p.qmpPath, p.labQmpPath, p.serialPath]) {
+  for (const sock of [p.qmpPath, p.labQmpPath, p.serialPath, p.agentSocket]) {
     if (Buffer.byteLength(sock) > MAX_UNIX_PATH) {
       throw new InvalidArgumentError(`startVm: socket path ${sock} is longer than ${MAX_UNIX_PATH} bytes; use a shorter workDir`);
     }
@@ -171,7 +192,7 @@ export async function startVm(options: StartVmOptions): Promise<VmHandle> {
   const p = vmPaths(options.workDir, options.name);
   mkdirSync(path.resolve(options.workDir), { recursive: true });
   // Remove leftovers so the readiness check below cannot see a stale socket.
-  for (const f of [p.qmpPath, p.labQmpPath, p.serialPath, p.pidFile]) rmSync(f, { force: true });
+  for (const f of [p.qmpPath, p.labQmpPath, p.serialPath, p.agentSocket, p.pidFile]) rmSync(f, { force: true });
 
   const logFd = openSync(p.qemuLog, "w");
   const child = spawn("qemu-system-x86_64", args, { stdio: ["ignore", logFd, logFd], detached: false });
@@ -192,7 +213,7 @@ export async function startVm(options: StartVmOptions): Promise<VmHandle> {
   });
 
   const deadline = Date.now() + 20_000;
-  while (![p.qmpPath, p.labQmpPath, p.serialPath].every((f) => existsSync(f))) {
+  while (![p.qmpPath, p.labQmpPath, p.serialPath, p.agentSocket].every((f) => existsSync(f))) {
     if (exitCode !== undefined) {
       throw new UnavailableError(`startVm ${options.name}: qemu exited (${exitCode}) during start: ${tailFile(p.qemuLog)}`);
     }
@@ -220,6 +241,7 @@ export async function startVm(options: StartVmOptions): Promise<VmHandle> {
     qmpPath: p.qmpPath,
     labQmpPath: p.labQmpPath,
     serialPath: p.serialPath,
+    agentSocket: p.agentSocket,
     serialLog: p.serialLog,
     qemuLog: p.qemuLog,
     args,

@@ -4,6 +4,9 @@
 # systemd in production. Arguments come from the kernel command line:
 #   ballast.vm_id=<id>            -> --vm-id <id>
 #   ballast.coordinator=<h:p>     -> --coordinator <h:p> (default 10.0.2.100:50051)
+#   ballast.channel=<kind>        -> --channel <kind> (auto|virtio-serial|tcp; default:
+#                                    the agent's own, auto: the virtio-serial port
+#                                    org.ballast.agent.0 if present, else TCP)
 #   ballast.agent=0               -> do not start the agent at all
 # BALLAST_CMDLINE, BALLAST_AGENT and BALLAST_AGENT_LOG override the inputs so
 # tests can exercise this loop with a stand-in agent.
@@ -19,11 +22,13 @@ exec >>"$LOG" 2>&1 </dev/null
 
 vm_id=""
 coordinator="10.0.2.100:50051"
+channel=""
 enabled=1
 for arg in $(cat "$CMDLINE"); do
   case "$arg" in
     ballast.vm_id=*) vm_id="${arg#*=}" ;;
     ballast.coordinator=*) coordinator="${arg#*=}" ;;
+    ballast.channel=*) channel="${arg#*=}" ;;
     ballast.agent=*) enabled="${arg#*=}" ;;
   esac
 done
@@ -35,6 +40,7 @@ fi
 
 set -- run --coordinator "$coordinator"
 [ -n "$vm_id" ] && set -- "$@" --vm-id "$vm_id"
+[ -n "$channel" ] && set -- "$@" --channel "$channel"
 
 # OOMScoreAdjust=-900: the OOM killer must not pick the agent that is
 # supposed to prevent OOM. Inherited by every node the loop starts.

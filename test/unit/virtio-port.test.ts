@@ -85,7 +85,9 @@ describe("the port as an event-loop stream (FIFO stand-in)", () => {
            s.on("data", () => {}); s.on("error", () => {});
            process.once("SIGTERM", () => s.destroy());
            setTimeout(() => process.stdout.write("ready\\n"), 200);`;
-    const child = spawn(process.execPath, ["--import", "tsx", "--input-type=module", "-e", script], { cwd: ROOT, stdio: ["ignore", "pipe", "inherit"] });
+    // --lite-mode as agent/ballast-agent.service runs it (no WebAssembly: see loadHeadersGlobal in agent/channel.ts).
+    const flags = how === "pipe-handle" ? ["--lite-mode"] : [];
+    const child = spawn(process.execPath, [...flags, "--import", "tsx", "--input-type=module", "-e", script], { cwd: ROOT, stdio: ["ignore", "pipe", "inherit"] });
     let how2: string | undefined;
     const exited = new Promise<void>((r) => child.once("exit", (code, signal) => ((how2 = `${code ?? signal}`), r())));
     await new Promise<void>((r, j) => {
