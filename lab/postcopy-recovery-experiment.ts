@@ -79,7 +79,7 @@ async function main(): Promise<void> {
       return { src: String(ms.status), dst: String(md.status) };
     };
     await status("before cut");
-    proxy.block(true);
+    await proxy.block(true);
     say("cut", { connections: proxy.cut() });
     for (let i = 0; i < 6; i++) {
       await sleep(2000);

@@ -60,10 +60,29 @@ abstract class PipeProxy {
     return n;
   }
 
-  /** While blocked, new connections are accepted and closed at once (the peer sees EOF/reset). */
-  block(on = true): void {
-    this.blocked = on;
+  /**
+   * While blocked, new connections fail. `reset` (default): they are accepted
+   * and closed at once (the peer sees EOF/reset, like a middlebox); `refuse`:
+   * the proxy stops listening (the peer sees ECONNREFUSED, like a host whose
+   * link is down) and cuts the open connections too (call {@link cut} first
+   * to count them), and listens on the same address again when unblocked.
+   */
+  async block(on = true, mode: "reset" | "refuse" = "reset"): Promise<void> {
+    this.blocked = on && mode === "reset";
+    if (on && mode === "refuse" && this.server.listening) {
+      this.refusing = true;
+      const closed = new Promise<void>((r) => this.server.close(() => r()));
+      this.cut();
+      await closed;
+    } else if (!on && this.refusing) {
+      this.refusing = false;
+      await this.relisten();
+    }
   }
+  private refusing = false;
+
+  /** Listens again where it listened before (after a `refuse` block). */
+  protected abstract relisten(): Promise<void>;
 
   /** Open connections now. */
   get connections(): number {
@@ -164,6 +183,7 @@ abstract class PipeProxy {
 
   async close(): Promise<void> {
     this.cut();
+    if (!this.server.listening) return;
     await new Promise<void>((r) => this.server.close(() => r()));
   }
 }
@@ -190,6 +210,14 @@ export class UnixProxy extends PipeProxy {
 
   protected dialUpstream(): Socket {
     return createConnection(this.upstreamPath);
+  }
+
+  protected relisten(): Promise<void> {
+    rmSync(this.path, { force: true });
+    return new Promise<void>((resolve, reject) => {
+      this.server.once("error", reject);
+      this.server.listen(this.path, () => resolve());
+    });
   }
 
   /** Later connections dial this path instead. */
@@ -226,6 +254,13 @@ export class TcpProxy extends PipeProxy {
     const s = createConnection(this.upstream.port, this.upstream.host);
     s.setNoDelay(true);
     return s;
+  }
+
+  protected relisten(): Promise<void> {
+    return new Promise<void>((resolve, reject) => {
+      this.server.once("error", reject);
+      this.server.listen(this.port, "127.0.0.1", () => resolve());
+    });
   }
 
   /** Later connections dial this address instead. */

@@ -110,11 +110,24 @@ describe("fault matrix: post-copy", () => {
         maxBandwidthBytesPerSec: 12_500_000n,
       });
       await mig.phase(Phase.POSTCOPY_ACTIVE, 120_000);
+      const pcAt = Date.now();
       expect(original.length).toBe(1);
-      await sleep(2000);
-      stream.block(true);
+      // Cut only once the destination runs the guest (its RESUME). A cut between POSTCOPY_ACTIVE and
+      // that RESUME makes the destination QEMU fail and exit while the source pauses: the guest is lost
+      // on both sides (seen here; see docs/reliability-notes-postcopy.md). That is not what this case tests.
+      let dstState = "";
+      for (let i = 0; i < 120 && dstState !== "running"; i++) {
+        dstState = await qemuRunState(lab.hosts[destination].vm);
+        if (dstState !== "running") await sleep(500);
+      }
+      console.log(`post-copy stream cut: destination QEMU ${dstState} ${((Date.now() - pcAt) / 1000).toFixed(1)} s after POSTCOPY_ACTIVE`);
+      expect(dstState).toBe("running");
+      await sleep(1000);
+      // The link is down: connections are refused until it comes back (a proxy that accepts and resets
+      // instead left the source QEMU stuck in postcopy-recover; see the notes).
       const cutAt = Date.now();
       expect(stream.cut()).toBeGreaterThan(0);
+      await stream.block(true, "refuse");
 
       // Facts, for the notes: what both QEMUs and the record say while the link is down.
       const facts: string[] = [];
@@ -137,18 +150,18 @@ describe("fault matrix: post-copy", () => {
 
       // The link comes back: a recovering coordinator pair (migrate-recover on the destination,
       // migrate resume=true on the source) finishes the migration through the same proxy.
-      stream.block(false);
-      const rec = await waitMigration(lab, source, mig.id, (m) => m.phase === Phase.COMPLETED || m.phase === Phase.CANCELLED, "recovered post-copy migration", 60_000).catch(
+      await stream.block(false, "refuse");
+      const rec = await waitMigration(lab, source, mig.id, (m) => m.phase === Phase.COMPLETED || m.phase === Phase.CANCELLED, "recovered post-copy migration", 45_000).catch(
         async (err: unknown) => {
           // No recovery by the coordinators. Show that the lab allows one: recover by hand with raw QMP
           // (migrate-recover on the destination, migrate resume=true on the source, through the same proxy), then fail.
-          console.log(`no recovery by the coordinators in 60 s; source QEMU ${JSON.stringify(await qemuMigrateStatus(lab.hosts[source].vm))}`);
+          console.log(`no recovery by the coordinators in 45 s; source QEMU ${JSON.stringify(await qemuMigrateStatus(lab.hosts[source].vm))}`);
           const port = await freePort();
           const r1 = await labQmp(lab.hosts[destination].vm!, "migrate-recover", { uri: `tcp:127.0.0.1:${port}` }).then(() => "ok", (e: Error) => e.message);
           stream.setUpstream({ host: "127.0.0.1", port });
           const r2 = await labQmp(lab.hosts[source].vm!, "migrate", { uri: `tcp:127.0.0.1:${stream.port}`, resume: true }).then(() => "ok", (e: Error) => e.message);
           let st = "";
-          for (let i = 0; i < 120 && !/^(completed|failed)/.test(st); i++) {
+          for (let i = 0; i < 90 && !/^(completed|failed)/.test(st); i++) {
             await sleep(1000);
             st = (await qemuMigrateStatus(lab.hosts[source].vm))?.status ?? "gone";
           }

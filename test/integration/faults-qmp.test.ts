@@ -48,7 +48,7 @@ describe("fault matrix: QMP trouble on the source", () => {
     const mig = await beginMigration(lab, { balloonStrategy: BalloonStrategy.INFLATE_THEN_MIGRATE, prepareDeadlineMs: 8000, maxBandwidthBytesPerSec: 25_000_000n });
     await mig.phase(Phase.PRECOPY_PASS, 60_000);
     await sleep(1000);
-    proxy.block(true);
+    await proxy.block(true);
     const cutAt = Date.now();
     expect(proxy.cut()).toBeGreaterThan(0);
     // The loss is visible within seconds.
@@ -58,7 +58,7 @@ describe("fault matrix: QMP trouble on the source", () => {
     console.log(`QMP cut: visible after ${lossVisibleS.toFixed(1)} s; cancel while down answered in ${cancel.ms} ms: ${cancel.err ?? Phase[cancel.phase ?? 0]}`);
     expect(cancel.ms).toBeLessThan(5000);
     await sleep(3000);
-    proxy.block(false);
+    await proxy.block(false);
     const out = await expectOutcome(lab, mig, { phases: FINAL, targetBeforeBytes: before, finalTimeoutMs: 120_000 });
     // An accepted cancel must end the migration as CANCELLED, not let it complete behind the caller's back.
     if (cancel.err === undefined) expect(Phase[out.record.phase]).toBe("CANCELLED");
