@@ -368,6 +368,8 @@ export class LibvirtDriver implements HypervisorDriver {
       const status = migrationStatusOf(st, "destination");
       // libvirt reports no statistics on the destination while the migration runs.
       if (status && status !== "completed") return emptyMigrateStats(status);
+      // Over in libvirt, but its numbers are still being collected: the final status follows as an event.
+      return emptyMigrateStats("active");
     }
     if (this.lastFinal) return this.lastFinal;
     const done = await this.completedJob();
@@ -554,12 +556,13 @@ export class LibvirtDriver implements HypervisorDriver {
     if (status === this.incomingStatus) return;
     this.incomingStatus = status;
     if (status === "completed" || status === "failed") {
-      this.incomingExpected = false;
-      this.incomingStatus = undefined;
+      // The numbers first, while queryMigration still answers "in progress"; then the final status.
       this.lastFinal =
         status === "completed"
           ? ((await this.incomingNumbers()) ?? emptyMigrateStats("completed"))
           : emptyMigrateStats("failed", `the incoming migration failed on ${this.options.uri}`);
+      this.incomingExpected = false;
+      this.incomingStatus = undefined;
     }
     this.emit({ type: "migration-status", status });
   }

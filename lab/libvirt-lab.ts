@@ -465,7 +465,11 @@ export class LibvirtLab {
       hooks.onUpdate?.(last);
       if (last.phase === Phase.POSTCOPY_ACTIVE && hooks.onPostcopy && !hook) {
         const run = hooks.onPostcopy;
-        hook = this.moveShellTo(to.name).then(() => run(this.shell));
+        // The destination's console may drop the first bytes written while the guest switches over: wait for the
+        // shell to answer there before the hook types anything.
+        hook = this.moveShellTo(to.name)
+          .then(() => this.shell.ready(60_000))
+          .then(() => run(this.shell));
       }
     }
     if (hook) await hook;
