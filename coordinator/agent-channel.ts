@@ -55,6 +55,14 @@ export interface AgentChannelOptions {
   backoff?: BackoffSettings;
   /** A connection that lived this long resets the backoff. Default 2000 ms. */
   stableMs?: number;
+  /**
+   * The host end stays away at least this long after RESUME and after it
+   * closed, so the guest sees it gone (EOF) before it is back: if the guest
+   * handles both port events in one go it never sees the EOF, and its old
+   * HTTP/2 session runs into the new server ("bad client magic"). Measured
+   * on TCG: the guest sees EOF about 110 ms after RESUME. Default 150 ms.
+   */
+  settleMs?: number;
   /** Clock (ms), for logs. Default Date.now. */
   now?: () => number;
 }
@@ -81,12 +89,16 @@ export class AgentChannel {
   /** When the guest last resumed here (ms), until an agent has attached after it. */
   private resumedAt: number | undefined;
   private connectsValue = 0;
+  /** When the host end was last away from a running guest (closed, or the guest resumed here). */
+  private awaySince = 0;
+  private readonly settleMs: number;
 
   constructor(private readonly options: AgentChannelOptions) {
     this.log = options.logger.child({ component: "agent-channel", vm: options.vm.name });
     this.injector = options.server.createConnectionInjector(grpc.ServerCredentials.createInsecure());
     this.backoff = new Backoff(options.backoff ?? BACKOFF.reconnect);
     this.now = options.now ?? Date.now;
+    this.settleMs = options.settleMs ?? 150;
     const facts = options.driver.facts;
     this.running = options.driver.connected && facts?.runState === "running";
     this.unobserve = options.vm.observe({
@@ -138,6 +150,7 @@ export class AgentChannel {
       case "resume":
         this.running = true;
         this.resumedAt = this.now();
+        this.awaySince = this.resumedAt;
         this.log.info({ resumedAt: this.resumedAt, connected: this.socket !== undefined }, "guest resumed");
         this.backoff.reset();
         this.schedule(0);
@@ -165,6 +178,7 @@ export class AgentChannel {
   private schedule(ms: number): void {
     if (this.closed) return;
     if (this.timer) clearTimeout(this.timer);
+    ms = Math.max(ms, this.awaySince + this.settleMs - this.now());
     this.timer = setTimeout(() => {
       this.timer = undefined;
       void this.connectOnce();
@@ -194,23 +208,27 @@ export class AgentChannel {
       return;
     }
     const sock = netConnect(path);
-    const ok = await new Promise<boolean>((resolve) => {
-      sock.once("connect", () => resolve(true));
-      sock.once("error", (err) => {
-        sock.destroy();
-        this.connecting = false;
-        this.retryLater(`cannot connect to ${path}`, err);
-        resolve(false);
+    const failure = await new Promise<Error | undefined>((resolve) => {
+      const onError = (err: Error) => resolve(err);
+      sock.once("error", onError);
+      sock.once("connect", () => {
+        sock.off("error", onError);
+        resolve(undefined);
       });
     });
-    if (!ok) return;
+    if (failure) {
+      sock.destroy();
+      this.connecting = false;
+      this.retryLater(`cannot connect to ${path}`, failure);
+      return;
+    }
     this.connecting = false;
     // The guest may have stopped (or we were closed) while connecting: a host end now would be the wrong one.
     if (!this.wanted()) {
       sock.destroy();
       return;
     }
-    sock.on("error", (err) => this.log.debug({ err: errorMessage(err) }, "agent channel socket error"));
+    sock.on("error", (err) => this.log.info({ err: errorMessage(err), livedMs: this.now() - this.connectedAt }, "agent channel session error"));
     sock.once("close", () => this.onClosed(sock));
     this.socket = sock;
     this.connectedAt = this.now();
@@ -222,6 +240,7 @@ export class AgentChannel {
   private onClosed(sock: Socket): void {
     if (this.socket !== sock) return;
     this.socket = undefined;
+    this.awaySince = this.now();
     const lived = this.now() - this.connectedAt;
     if (lived >= (this.options.stableMs ?? 2000)) this.backoff.reset();
     if (this.wanted()) this.retryLater(`host end closed after ${lived} ms`);
@@ -232,6 +251,7 @@ export class AgentChannel {
     const sock = this.socket;
     if (!sock) return;
     this.socket = undefined;
+    this.awaySince = this.now();
     this.log.info({ why }, "agent channel host end closed");
     sock.destroy();
   }

@@ -87,7 +87,7 @@ async function startRig(runState: string): Promise<Rig> {
     },
     (err) => ({ code: grpc.status.UNAVAILABLE, details: String(err) }),
   );
-  const channel = new AgentChannel({ vm, driver, server, logger: silentLogger(), backoff: { initialMs: 50, maxMs: 200 } });
+  const channel = new AgentChannel({ vm, driver, server, logger: silentLogger(), backoff: { initialMs: 50, maxMs: 200 }, settleMs: 20 });
   rig = {
     dir,
     chardev,
