@@ -222,6 +222,15 @@ export class LibvirtDriver implements HypervisorDriver {
     return { availableBytes: m.usableBytes, freeBytes: m.unusedBytes, diskCachesBytes: m.diskCachesBytes, lastUpdateS: m.lastUpdateS };
   }
 
+  /**
+   * The host socket of the agent's channel (`<channel type='unix'>` with
+   * `<target type='virtio' name='org.ballast.agent.0'/>`), read from the live
+   * domain XML: libvirt picks a new path with every start and migration.
+   */
+  async agentChannelPath(): Promise<string | undefined> {
+    return agentChannelPathFromXml(await this.virsh(["dumpxml", this.options.domain]));
+  }
+
   async runState(): Promise<string> {
     const st = parseDomstate(await this.virsh(["domstate", "--reason", this.options.domain]));
     const rs = runStateOf(st, this.role);
@@ -695,4 +704,16 @@ export class LibvirtDriver implements HypervisorDriver {
       this.log.error({ err: errorMessage(err), event: e.type }, "driver listener threw");
     }
   }
+}
+
+/** The `<source path=...>` of the unix `<channel>` whose virtio target is named `name`, from a domain XML; undefined when there is none. */
+export function agentChannelPathFromXml(xml: string, name = "org.ballast.agent.0"): string | undefined {
+  for (const m of xml.matchAll(/<channel\b[^>]*\btype=['"]unix['"][^>]*>([\s\S]*?)<\/channel>/g)) {
+    const body = m[1] ?? "";
+    const target = /<target\b[^>]*>/.exec(body)?.[0] ?? "";
+    if (!/\btype=['"]virtio['"]/.test(target) || !new RegExp(`\\bname=['"]${name.replace(/\./g, "\\.")}['"]`).test(target)) continue;
+    const path = /<source\b[^>]*\bpath=['"]([^'"]+)['"]/.exec(body)?.[1];
+    if (path) return path.replace(/&amp;/g, "&").replace(/&apos;/g, "'").replace(/&quot;/g, '"');
+  }
+  return undefined;
 }
