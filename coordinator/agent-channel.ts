@@ -27,6 +27,12 @@
  *   reconnects with the shared backoff (`BACKOFF.reconnect`), at once on
  *   the driver's `up` and on RESUME.
  *
+ * - Bytes of an old session can still reach a fresh host end (what the guest
+ *   wrote before it saw the EOF, queued in the port). They are discarded up
+ *   to the HTTP/2 client preface, so they do not cost a reconnect; if stale
+ *   bytes keep coming without a preface (the old session is still alive),
+ *   the host end is dropped so the guest sees EOF.
+ *
  * It learns all this from the VM's supervisor (`VmSupervisor.observe`).
  */
 import * as grpc from "@grpc/grpc-js";
@@ -63,9 +69,14 @@ export interface AgentChannelOptions {
    * on TCG: the guest sees EOF about 110 ms after RESUME. Default 150 ms.
    */
   settleMs?: number;
+  /** Stale bytes (no client preface) for this long drop the host end. Default 300 ms. */
+  staleMs?: number;
   /** Clock (ms), for logs. Default Date.now. */
   now?: () => number;
 }
+
+/** The first bytes of every HTTP/2 connection from a client (RFC 9113 §3.4). */
+const CLIENT_PREFACE = Buffer.from("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "latin1");
 
 /** Why the host end is (not) connected, for the view and tests. */
 export type AgentChannelState = "connected" | "connecting" | "waiting" | "closed";
@@ -234,7 +245,48 @@ export class AgentChannel {
     this.connectedAt = this.now();
     this.connectsValue++;
     this.log.info({ path, sinceResumeMs: this.resumedAt === undefined ? undefined : this.connectedAt - this.resumedAt }, "agent channel connected");
-    this.injector.injectConnection(sock);
+    this.injectAtPreface(sock);
+  }
+
+  /** Hands `sock` to the gRPC server from the client preface on; what comes before it is an old session's. */
+  private injectAtPreface(sock: Socket): void {
+    let buf: Buffer = Buffer.alloc(0);
+    let discarded = 0;
+    let staleTimer: NodeJS.Timeout | undefined;
+    const done = () => {
+      sock.off("data", onData);
+      sock.off("close", done);
+      if (staleTimer) clearTimeout(staleTimer);
+    };
+    const onData = (chunk: Buffer) => {
+      buf = buf.length ? Buffer.concat([buf, chunk]) : chunk;
+      const i = buf.indexOf(CLIENT_PREFACE);
+      if (i < 0) {
+        // Keep only what could be the start of a preface split across chunks.
+        const keep = Math.min(buf.length, CLIENT_PREFACE.length - 1);
+        discarded += buf.length - keep;
+        buf = buf.subarray(buf.length - keep);
+        if (discarded > 0 && !staleTimer) {
+          staleTimer = setTimeout(() => {
+            done();
+            this.log.info({ discarded }, "agent channel: an old session is still talking; dropping the host end so the guest sees EOF");
+            if (this.socket === sock) {
+              this.drop("stale session on the port");
+              this.schedule(0);
+            }
+          }, this.options.staleMs ?? 300);
+        }
+        return;
+      }
+      done();
+      discarded += i;
+      if (discarded > 0) this.log.info({ discarded }, "agent channel: bytes of an old session discarded before the new session");
+      sock.pause();
+      sock.unshift(buf.subarray(i));
+      this.injector.injectConnection(sock);
+    };
+    sock.on("data", onData);
+    sock.once("close", done);
   }
 
   private onClosed(sock: Socket): void {

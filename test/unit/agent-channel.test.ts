@@ -236,3 +236,23 @@ describe("vms[].agentSocket in the coordinator config", () => {
     expect(() => parseCoordinatorConfig({ vms: [vm("a", { agentSocket: "" })] }, "c.json")).toThrow(/c\.json: vms\[0\]\.agentSocket: /);
   });
 });
+
+describe("an old session's bytes on a fresh host end", () => {
+  it("are discarded up to the client preface: the new session works on the same connection", async () => {
+    const r = await startRig("running");
+    const guest = await waitFor("the host end", () => r.chardev.last);
+    guest.write(Buffer.from("\x00\x00\x08\x06\x00\x00\x00\x00\x00stale-ping")); // an old session's frames
+    const s = await agentSession(guest);
+    expect(s.welcome?.msg.case).toBe("welcome");
+    expect(r.channel.connects).toBe(1);
+  });
+
+  it("that keep coming without a preface drop the host end (the guest then sees EOF)", async () => {
+    const r = await startRig("running");
+    const guest = await waitFor("the host end", () => r.chardev.last);
+    guest.resume();
+    guest.write("old session frames, and no preface");
+    await waitFor("the host end dropped", () => guest.readableEnded || guest.destroyed, 3000);
+    await waitFor("a fresh host end", () => r.chardev.guests[1], 3000);
+  });
+});
