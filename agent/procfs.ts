@@ -117,7 +117,17 @@ function intValue(raw: string | undefined, file: string, field: string): number 
 function floatValue(raw: string | undefined, file: string, field: string): number {
   if (raw === undefined || raw.length === 0) throw new ProcParseError(file, field, "no value (truncated line?)");
   if (!/^\d+(?:\.\d+)?$/.test(raw)) throw new ProcParseError(file, field, `not a non-negative number: ${JSON.stringify(raw.slice(0, 40))}`);
-  return Number(raw);
+  const n = Number(raw);
+  // Hundreds of digits parse to Infinity; a PSI average is a percentage.
+  if (!Number.isFinite(n) || n > 100) throw new ProcParseError(file, field, `value out of range [0, 100]: ${raw.slice(0, 40)}`);
+  return n;
+}
+
+/** `count` units of `unit` bytes, refused when the product is not an exact (safe) integer. */
+function scaled(count: number, unit: number, file: string, field: string): number {
+  const bytes = count * unit;
+  if (!Number.isSafeInteger(bytes)) throw new ProcParseError(file, field, `value out of range: ${count} × ${unit} bytes`);
+  return bytes;
 }
 
 /**
@@ -133,8 +143,8 @@ export function parseMeminfo(text: string, file = "/proc/meminfo"): Meminfo {
     const value = intValue(parts[0], file, field);
     const unit = parts[1];
     if (unit !== "kB") throw new ProcParseError(file, field, `expected unit "kB", got ${unit === undefined ? "none" : JSON.stringify(unit)}`);
-    if (parts.length > 2) throw new ProcParseError(file, field, `unexpected text after the unit: ${JSON.stringify(rest)}`);
-    return value * 1024;
+    if (parts.length > 2) throw new ProcParseError(file, field, `unexpected text after the unit: ${JSON.stringify(rest.slice(0, 80))}`);
+    return scaled(value, 1024, file, field);
   };
   const out: Partial<Meminfo> = {};
   for (const [field, name] of MEMINFO_FIELDS) {
@@ -253,13 +263,14 @@ export function parseZoneinfo(text: string, file = "/proc/zoneinfo"): ZoneWaterm
     if (!m) continue;
     const key = m[1] as "min" | "low" | "high";
     sums[key] += intValue(m[2], file, key);
+    if (!Number.isSafeInteger(sums[key])) throw new ProcParseError(file, key, "sum over zones out of range");
     seen[key]++;
   }
   if (zones === 0) throw new ProcParseError(file, "Node", "no zones found");
   for (const key of ["min", "low", "high"] as const) {
     if (seen[key] !== zones) throw new ProcParseError(file, key, `found in ${seen[key]} of ${zones} zones`);
   }
-  return { minBytes: sums.min * PAGE_SIZE, lowBytes: sums.low * PAGE_SIZE, highBytes: sums.high * PAGE_SIZE };
+  return { minBytes: scaled(sums.min, PAGE_SIZE, file, "min"), lowBytes: scaled(sums.low, PAGE_SIZE, file, "low"), highBytes: scaled(sums.high, PAGE_SIZE, file, "high") };
 }
 
 /** virtio feature bit: the host lets the guest take pages back on OOM. */

@@ -144,6 +144,8 @@ export class Collector {
       balloon: guestBalloon(meminfo, vmstat, slow.deflateOnOom),
     };
     if (psiText !== undefined) sample.psi = parsePsi(psiText, psiPath);
+    const problem = sampleProblem(sample);
+    if (problem !== undefined) throw new ProcParseError(meminfoPath, problem.field, `inconsistent sample: ${problem.detail}`);
     return sample;
   }
 
@@ -192,6 +194,56 @@ export class Collector {
   }
 }
 
+/** Meminfo fields that count part of RAM, so none can exceed MemTotal (kernel spelling → our name). */
+const WITHIN_TOTAL: ReadonlyArray<readonly [string, keyof Meminfo]> = [
+  ["MemFree", "memFree"],
+  ["MemAvailable", "memAvailable"],
+  ["Buffers", "buffers"],
+  ["Cached", "cached"],
+  ["Active(file)", "activeFile"],
+  ["Inactive(file)", "inactiveFile"],
+  ["AnonPages", "anonPages"],
+  ["Mapped", "mapped"],
+  ["Shmem", "shmem"],
+  ["Dirty", "dirty"],
+  ["Writeback", "writeback"],
+];
+
+/** Every number in `value` (recursively), with its path, e.g. "meminfo.memFree". */
+function numbersIn(value: unknown, path: string, out: Array<[string, number]>): Array<[string, number]> {
+  if (typeof value === "number") out.push([path, value]);
+  else if (typeof value === "object" && value !== null) {
+    for (const [k, v] of Object.entries(value)) numbersIn(v, path ? `${path}.${k}` : k, out);
+  }
+  return out;
+}
+
+/**
+ * Why a parsed sample cannot be true, or undefined when it can: a number
+ * that is not finite (or, except the PSI averages, not a safe integer), a
+ * MemTotal of 0, a part of RAM larger than MemTotal, SwapFree above
+ * SwapTotal, a PSI average outside [0, 100]. Such a sample comes from a
+ * broken or hostile kernel view (or a bad test root); the collector refuses
+ * it like a missing field, so the agent never shrinks the guest on it.
+ * `field` is the kernel's spelling where there is one.
+ */
+export function sampleProblem(sample: Pick<Sample, "meminfo" | "vmstat" | "watermarks" | "balloon"> & { psi?: Psi | undefined }): { field: string; detail: string } | undefined {
+  for (const [path, v] of numbersIn({ meminfo: sample.meminfo, vmstat: sample.vmstat, psi: sample.psi, watermarks: sample.watermarks, balloon: sample.balloon }, "", [])) {
+    const isAverage = /^psi\.(some|full)\.avg\d+$/.test(path);
+    if (isAverage ? !Number.isFinite(v) || v < 0 || v > 100 : !Number.isSafeInteger(v) || v < 0) {
+      return { field: path, detail: `${path} is ${v}, not ${isAverage ? "a percentage" : "a non-negative safe integer"}` };
+    }
+  }
+  const m = sample.meminfo;
+  if (m.memTotal === 0) return { field: "MemTotal", detail: "MemTotal is 0" };
+  for (const [field, name] of WITHIN_TOTAL) {
+    const v = m[name] as number;
+    if (v > m.memTotal) return { field, detail: `${field} (${v} bytes) exceeds MemTotal (${m.memTotal} bytes)` };
+  }
+  if (m.swapFree > m.swapTotal) return { field: "SwapFree", detail: `SwapFree (${m.swapFree} bytes) exceeds SwapTotal (${m.swapTotal} bytes)` };
+  return undefined;
+}
+
 function guestBalloon(meminfo: Meminfo, vmstat: Vmstat, deflateOnOom: boolean | undefined): GuestBalloon {
   const out: GuestBalloon = { source: "unknown" };
   if (deflateOnOom !== undefined) out.deflateOnOom = deflateOnOom;
@@ -199,7 +251,7 @@ function guestBalloon(meminfo: Meminfo, vmstat: Vmstat, deflateOnOom: boolean | 
     out.bytes = meminfo.balloon;
     out.source = "meminfo";
   } else if (vmstat.nrBalloonPages !== undefined) {
-    out.bytes = vmstat.nrBalloonPages * PAGE_SIZE;
+    out.bytes = vmstat.nrBalloonPages * PAGE_SIZE; // sampleProblem refuses a product beyond the safe range
     out.source = "nr_balloon_pages";
   } else if (vmstat.balloonInflate !== undefined && vmstat.balloonDeflate !== undefined) {
     // Both counters only ever grow; their difference is what the driver holds now.

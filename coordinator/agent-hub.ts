@@ -255,10 +255,25 @@ export class AgentHub {
 
 /** Sanity checks on an untrusted sample; returns a problem description or "". */
 export function checkSample(s: MemorySample): string {
+  // Every integer field must be exact as a JS number: the domain converts them with toNumber.
+  const maxSafe = BigInt(Number.MAX_SAFE_INTEGER);
+  for (const [key, v] of Object.entries(s)) {
+    if (typeof v === "bigint" && (v > maxSafe || v < -maxSafe)) return `${key.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`)} is not a safe integer`;
+  }
   if (s.memTotalBytes === 0n) return "mem_total_bytes is 0";
-  if (s.memFreeBytes > s.memTotalBytes) return "mem_free_bytes exceeds mem_total_bytes";
-  if (s.memAvailableBytes > s.memTotalBytes) return "mem_available_bytes exceeds mem_total_bytes";
-  if (s.cachedBytes > s.memTotalBytes) return "cached_bytes exceeds mem_total_bytes";
+  // Parts of RAM cannot exceed it (the agent's collector refuses the same set, agent/sample.ts sampleProblem).
+  const parts = [
+    ["mem_free_bytes", s.memFreeBytes],
+    ["mem_available_bytes", s.memAvailableBytes],
+    ["cached_bytes", s.cachedBytes],
+    ["active_file_bytes", s.activeFileBytes],
+    ["inactive_file_bytes", s.inactiveFileBytes],
+    ["anon_bytes", s.anonBytes],
+    ["shmem_bytes", s.shmemBytes],
+    ["dirty_bytes", s.dirtyBytes],
+  ] as const;
+  for (const [field, v] of parts) if (v > s.memTotalBytes) return `${field} exceeds mem_total_bytes`;
+  if (s.swapFreeBytes > s.swapTotalBytes) return "swap_free_bytes exceeds swap_total_bytes";
   if (!Number.isFinite(s.psiSomeAvg10) || s.psiSomeAvg10 < 0 || s.psiSomeAvg10 > 100) return "psi_some_avg10 outside [0, 100]";
   if (!Number.isFinite(s.psiFullAvg10) || s.psiFullAvg10 < 0 || s.psiFullAvg10 > 100) return "psi_full_avg10 outside [0, 100]";
   return "";

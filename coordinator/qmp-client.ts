@@ -404,13 +404,13 @@ export class QmpClient extends EventEmitter<QmpClientEvents> {
 
   private dispatch(socket: net.Socket, msg: unknown): void {
     if (!isRecord(msg)) {
-      this.protocolFailure(socket, `expected a JSON object, got ${truncate(JSON.stringify(msg))}`);
+      this.protocolFailure(socket, `expected a JSON object, got ${preview(msg)}`);
       return;
     }
     if (this.phase === "greeting") {
       const greeting = parseGreeting(msg);
       if (!greeting) {
-        this.protocolFailure(socket, `expected the QMP greeting, got ${truncate(JSON.stringify(msg))}`);
+        this.protocolFailure(socket, `expected the QMP greeting, got ${preview(msg)}`);
         return;
       }
       this.greetingValue = greeting;
@@ -439,7 +439,7 @@ export class QmpClient extends EventEmitter<QmpClientEvents> {
       this.log.warn("unexpected second QMP greeting; ignored");
       return;
     }
-    this.log.warn({ msg: truncate(JSON.stringify(msg)) }, "unrecognised QMP message; ignored");
+    this.log.warn({ msg: preview(msg) }, "unrecognised QMP message; ignored");
   }
 
   private onEvent(msg: Record<string, unknown>): void {
@@ -448,8 +448,9 @@ export class QmpClient extends EventEmitter<QmpClientEvents> {
       event: msg.event as string,
       data: isRecord(msg.data) ? msg.data : {},
       timestamp: {
-        seconds: typeof ts.seconds === "number" ? ts.seconds : 0,
-        microseconds: typeof ts.microseconds === "number" ? ts.microseconds : 0,
+        // JSON.parse reads 1e400 as Infinity: only finite numbers count.
+        seconds: typeof ts.seconds === "number" && Number.isFinite(ts.seconds) ? ts.seconds : 0,
+        microseconds: typeof ts.microseconds === "number" && Number.isFinite(ts.microseconds) ? ts.microseconds : 0,
       },
     };
     this.log.debug({ event: event.event, data: event.data }, "QMP event");
@@ -460,7 +461,7 @@ export class QmpClient extends EventEmitter<QmpClientEvents> {
     const id = msg.id;
     if (typeof id !== "number") {
       // QEMU omits the id only when it could not parse a request, which this client never sends.
-      this.log.warn({ reply: truncate(JSON.stringify(msg)) }, "QMP reply without a usable id; ignored");
+      this.log.warn({ reply: preview(msg) }, "QMP reply without a usable id; ignored");
       return;
     }
     const p = this.pending.get(id);
@@ -473,7 +474,7 @@ export class QmpClient extends EventEmitter<QmpClientEvents> {
     if ("error" in msg) {
       const e = isRecord(msg.error) ? msg.error : {};
       const cls = typeof e.class === "string" ? e.class : "GenericError";
-      const desc = typeof e.desc === "string" ? e.desc : JSON.stringify(msg.error);
+      const desc = typeof e.desc === "string" ? e.desc : preview(msg.error);
       p.reject(new QmpCommandError(p.command, cls, desc));
     } else {
       p.resolve(msg.return);
@@ -522,15 +523,32 @@ function parseGreeting(msg: Record<string, unknown>): QmpGreeting | undefined {
   const qmp = msg.QMP;
   if (!isRecord(qmp) || !isRecord(qmp.version) || !isRecord(qmp.version.qemu)) return undefined;
   const q = qmp.version.qemu;
-  if (typeof q.major !== "number" || typeof q.minor !== "number" || typeof q.micro !== "number") return undefined;
+  const { major, minor, micro } = q;
+  if (!isVersionPart(major) || !isVersionPart(minor) || !isVersionPart(micro)) return undefined;
   return {
-    version: { qemu: { major: q.major, minor: q.minor, micro: q.micro }, package: typeof qmp.version.package === "string" ? qmp.version.package : "" },
+    version: { qemu: { major, minor, micro }, package: typeof qmp.version.package === "string" ? qmp.version.package : "" },
     capabilities: Array.isArray(qmp.capabilities) ? qmp.capabilities.filter((c): c is string => typeof c === "string") : [],
   };
 }
 
+function isVersionPart(v: unknown): v is number {
+  return typeof v === "number" && Number.isSafeInteger(v) && v >= 0;
+}
+
 function isRecord(v: unknown): v is Record<string, unknown> {
   return typeof v === "object" && v !== null && !Array.isArray(v);
+}
+
+/**
+ * A peer's message for a log line or an error, cut to 200 characters. JSON.stringify recurses: a
+ * message nested some thousands deep (which JSON.parse accepts) would overflow the stack.
+ */
+function preview(v: unknown): string {
+  try {
+    return truncate(JSON.stringify(v));
+  } catch {
+    return "(a value nested too deep to show)";
+  }
 }
 
 function truncate(s: string | undefined, max = 200): string {
