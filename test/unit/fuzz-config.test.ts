@@ -152,3 +152,17 @@ describe("fuzz: agent/config.ts applyConfigObject", () => {
     );
   });
 });
+
+// Found while fuzzing and NOT fixed here (shared/strict-config.ts is not this change's file): the agent's
+// config messages describe a bad value with JSON.stringify, which overflows the stack on a value nested
+// some thousands deep, so the agent dies with a RangeError instead of naming the key. The coordinator's
+// zod parser describes objects without stringifying them. Flip to a plain it() once describe() is guarded.
+describe("known bug: a deeply nested agent config value", () => {
+  const deep = JSON.parse(`${'{"a":'.repeat(6000)}1${"}".repeat(6000)}`) as unknown;
+  it.fails("reserve = a 6000-deep object: a ConfigError naming the key", () => {
+    expect(() => applyConfigObject(defaultConfig(), { reserve: deep }, "agent.json")).toThrow(ConfigError);
+  });
+  it("the coordinator's parser already says what is wrong", () => {
+    expect(() => parseCoordinatorConfig({ hostId: deep, vms: [] }, "c.json", "/etc")).toThrow(/hostId: expected a non-empty string, got an object/);
+  });
+});
