@@ -143,6 +143,13 @@ function logInternalToStderr(incident: string, err: unknown, ctx: ErrorContext |
   process.stderr.write(`${JSON.stringify(line)}\n`);
 }
 
+const MAX_MESSAGE_CHARS = 512;
+const MAX_METADATA_CHARS = 128;
+
+function clip(s: string, max: number): string {
+  return s.length > max ? `${s.slice(0, max)}… (${s.length - max} more characters)` : s;
+}
+
 /** Builds the status for `code`/`message` with an ErrorInfo (and a BadRequest if there are violations). */
 export function buildStatus(
   code: status,
@@ -151,6 +158,10 @@ export function buildStatus(
   metadata: Record<string, string>,
   violations: ReadonlyArray<{ field: string; description: string }> = [],
 ): MappedStatus {
+  // Trailers are bounded (HTTP/2 header lists are ~16 KB): hostile ids echoed in a message must not wedge the connection.
+  message = clip(message, MAX_MESSAGE_CHARS);
+  metadata = Object.fromEntries(Object.entries(metadata).map(([k, v]) => [k, clip(v, MAX_METADATA_CHARS)]));
+  violations = violations.map((v) => ({ field: clip(v.field, MAX_METADATA_CHARS), description: clip(v.description, MAX_METADATA_CHARS * 2) }));
   const details = [anyPack(ErrorInfoSchema, create(ErrorInfoSchema, { reason, domain: ERROR_DOMAIN, metadata }))];
   if (violations.length > 0) {
     details.push(anyPack(BadRequestSchema, create(BadRequestSchema, { fieldViolations: violations.map((v) => ({ field: v.field, description: v.description })) })));

@@ -65,8 +65,13 @@ const ID_NAMES: Record<string, string> = { id: "a migration id", migration_id: "
 /** Checks that an id field (named by its proto field name) is present. */
 export function requireId(id: string, field = "id"): string {
   if (!id) throw bad(field, `${ID_NAMES[field] ?? field} is required (${field})`);
+  // Names and ids are short; a long one is refused without echoing it.
+  if (id.length > MAX_ID_CHARS) throw bad(field, `${ID_NAMES[field] ?? field} is ${id.length} characters long; at most ${MAX_ID_CHARS} are allowed (${field})`);
   return id;
 }
+
+/** Longest VM name or migration id a request may carry. */
+export const MAX_ID_CHARS = 256;
 
 function bad(field: string, message: string): InvalidArgumentError {
   return InvalidArgumentError.field(field, message);
