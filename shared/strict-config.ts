@@ -83,5 +83,12 @@ function describe(v: unknown): string {
   if (v === undefined) return "nothing";
   if (v === null) return "null";
   if (Array.isArray(v)) return "an array";
-  return `${typeof v} ${JSON.stringify(v)?.slice(0, 40)}`;
+  let text: string | undefined;
+  try {
+    text = JSON.stringify(v)?.slice(0, 40);
+  } catch {
+    // Too deep (or cyclic) to print: the type is enough.
+    text = "(too deeply nested to show)";
+  }
+  return `${typeof v} ${text}`;
 }
