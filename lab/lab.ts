@@ -120,6 +120,8 @@ export class Lab {
     progress("starting coordinators on host a and host b");
     const started: CoordinatorProcess[] = [];
     const proxies: Partial<Record<HostName, UnixProxy>> = {};
+    let firstVm: VmHandle | undefined;
+    let firstShell: GuestShell | undefined;
     try {
       const host = async (name: HostName, agentPort: number, listenPort: number): Promise<LabHost> => {
         const qmpPath = vmPaths(workDir, name).qmpPath;
@@ -160,8 +162,8 @@ export class Lab {
       const lab = new Lab(hosts, image, workDir, options, ownsWorkDir);
       lab.qmpProxies = proxies;
       progress("booting the guest on host a");
-      hosts.a.vm = await lab.startQemu("a", false);
-      lab.shell = await GuestShell.connect(hosts.a.vm.serialPath, { logger: options.logger });
+      hosts.a.vm = firstVm = await lab.startQemu("a", false);
+      lab.shell = firstShell = await GuestShell.connect(hosts.a.vm.serialPath, { logger: options.logger });
       lab.shellOn = hosts.a.vm;
       await lab.shell.ready(120_000);
       if (options.agent !== false) {
@@ -170,6 +172,9 @@ export class Lab {
       }
       return lab;
     } catch (err) {
+      // A failed start must not leave the guest's QEMU running (it would outlive the test run).
+      firstShell?.close();
+      await firstVm?.stop();
       await Promise.all(started.map((c) => c.stop()));
       await Promise.all(Object.values(proxies).map((p) => p.close()));
       if (ownsWorkDir) rmSync(workDir, { recursive: true, force: true });
