@@ -22,7 +22,7 @@ import { FailedPreconditionError, UnavailableError, errorMessage } from "../shar
 import type { Client } from "../shared/grpc-adapter.js";
 import type { Logger } from "../shared/logger.js";
 import { LogLimiter, TokenBucket } from "../shared/rate-limit.js";
-import { BACKOFF, retryPolicy } from "../shared/retry.js";
+import { BACKOFF, retryPolicy, withTimeout } from "../shared/retry.js";
 import { MiB } from "../shared/units.js";
 import { BalloonController, type BalloonState } from "./balloon-controller.js";
 import { guardBalloonRequest } from "./balloon-guard.js";
@@ -89,6 +89,8 @@ interface Slot {
   state: machine.MachineState;
   record: MigrationRecord;
   abort: AbortController;
+  /** QEMU's `error-desc` from the final numbers, if it gave one. */
+  qemuError?: string;
 }
 
 /** The live view of one VM, for GetVm and metrics. */
@@ -281,6 +283,14 @@ export class VmSupervisor {
 
   /** Destination: gets this VM's QEMU (started to receive) ready and returns the URI to send to. */
   async prepareIncoming(id: string, mode: MigrationMode): Promise<string> {
+    const old = this.slot;
+    if (old && !machine.isDone(old.state) && old.state.params.direction === "incoming" && !old.state.seenActive) {
+      // An incoming migration whose source never started sending (cancelled or failed in PREPARE, or its
+      // QEMU replaced) would hold this VM forever: a new PrepareIncoming supersedes it.
+      const done = this.whenDone(old.record.id);
+      this.dispatch({ type: "failed", now: this.now(), error: `superseded by migration ${id}: the source never started sending this one` });
+      await withTimeout(done, 10_000, () => new UnavailableError(`VM ${this.name}: the superseded incoming migration ${old.record.id} did not end`));
+    }
     if (this.slot && !machine.isDone(this.slot.state)) {
       throw new FailedPreconditionError(`VM ${this.name} here is already in migration ${this.slot.record.id}`);
     }
@@ -482,12 +492,15 @@ export class VmSupervisor {
       case "cleanup-later":
         this.pendingCleanup = { id, cancelQemu: fx.cancelQemu, restoreBalloonBytes: fx.restoreBalloonBytes };
         return;
-      case "final":
-        this.append(slot, { type: "final", atMs: this.now(), phase: fx.phase, error: fx.error });
+      case "final": {
+        // QEMU's own words (error-desc, read with the final numbers) say why better than "QEMU reports the migration failed".
+        const error = slot.qemuError && fx.phase !== Phase.COMPLETED && !fx.error.includes(slot.qemuError) ? `${fx.error}: ${slot.qemuError}` : fx.error;
+        this.append(slot, { type: "final", atMs: this.now(), phase: fx.phase, error });
         this.log[fx.phase === Phase.COMPLETED ? "info" : "warn"]({ id, phase: Phase[fx.phase], error: fx.error }, "migration ended");
         if (fx.phase === Phase.COMPLETED && slot.state.params.direction === "incoming") this.leaseStartAt = Math.max(this.leaseStartAt, this.now());
         slot.abort.abort(new UnavailableError("migration ended"));
         return;
+      }
     }
   }
 
@@ -504,6 +517,7 @@ export class VmSupervisor {
         return st;
       });
       this.append(slot, { type: "stats", atMs: this.now(), side: out ? "source" : "destination", stats: s });
+      if (s.errorDesc) slot.qemuError = s.errorDesc;
       if (out && outcome.phase === Phase.COMPLETED) this.recordProgress(slot, s);
     } catch (err) {
       this.log.debug({ err: errorMessage(err) }, "final query-migrate failed");

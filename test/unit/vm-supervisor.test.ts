@@ -798,3 +798,39 @@ describe("post-copy paused by a broken stream", { timeout: 10_000 }, () => {
     expect((await h.sup.whenDone("m-pp")).phase).toBe(Phase.COMPLETED);
   });
 });
+
+// ---- incoming migrations that never began; QEMU's own error text -------------------------------------------
+
+describe("incoming and failure text", { timeout: 10_000 }, () => {
+  it("a new PrepareIncoming supersedes an incoming migration whose source never started sending", async () => {
+    const h = harness({ driver: { runState: "inmigrate" } });
+    await upAndReady(h);
+    h.driver.migration = migrateStats("none");
+    await h.sup.prepareIncoming("in-1", MigrationMode.PRECOPY);
+    expect(h.sup.view().migrationId).toBe("in-1");
+    await h.sup.prepareIncoming("in-2", MigrationMode.PRECOPY);
+    const old = h.store.get("in-1");
+    expect(old.phase).toBe(Phase.FAILED);
+    expect(old.error).toMatch(/superseded by migration in-2/);
+    expect(h.sup.view().migrationId).toBe("in-2");
+  });
+
+  it("an incoming migration under way is not superseded", async () => {
+    const h = harness({ driver: { runState: "inmigrate" } });
+    await upAndReady(h);
+    await h.sup.prepareIncoming("in-a", MigrationMode.PRECOPY);
+    h.driver.emit({ type: "migration-status", status: "active" });
+    await expect(h.sup.prepareIncoming("in-b", MigrationMode.PRECOPY)).rejects.toThrow(/already in migration in-a/);
+  });
+
+  it("a failure QEMU reports carries QEMU's own error-desc", async () => {
+    const h = harness({ driver: { balloonActualBytes: 900 * MiB } });
+    await upAndReady(h);
+    await startPrecopy(h, "m-ed");
+    h.driver.migration = migrateStats("failed", { errorDesc: "Unable to write to socket: Connection reset by peer" });
+    h.driver.emit({ type: "migration-status", status: "failed" });
+    const r = await h.sup.whenDone("m-ed");
+    expect(r.phase).toBe(Phase.FAILED);
+    expect(r.error).toBe("QEMU reports the migration failed: Unable to write to socket: Connection reset by peer");
+  });
+});
