@@ -86,8 +86,8 @@ export interface ZoneWatermarks {
 
 type MeminfoKey = Exclude<keyof Meminfo, "balloon">;
 
-// Kernel spelling → our name. Order is irrelevant; the set is the mandatory list.
-const MEMINFO_FIELDS: ReadonlyArray<readonly [string, MeminfoKey]> = [
+/** Kernel spelling → our name. Order is irrelevant; the set is the mandatory list. */
+export const MEMINFO_FIELDS: ReadonlyArray<readonly [string, MeminfoKey]> = [
   ["MemTotal", "memTotal"],
   ["MemFree", "memFree"],
   ["MemAvailable", "memAvailable"],

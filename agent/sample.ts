@@ -9,6 +9,7 @@ import { readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { ProcParseError } from "./errors.js";
 import {
+  MEMINFO_FIELDS,
   PAGE_SIZE,
   VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
   parseMeminfo,
@@ -194,20 +195,8 @@ export class Collector {
   }
 }
 
-/** Meminfo fields that count part of RAM, so none can exceed MemTotal (kernel spelling → our name). */
-const WITHIN_TOTAL: ReadonlyArray<readonly [string, keyof Meminfo]> = [
-  ["MemFree", "memFree"],
-  ["MemAvailable", "memAvailable"],
-  ["Buffers", "buffers"],
-  ["Cached", "cached"],
-  ["Active(file)", "activeFile"],
-  ["Inactive(file)", "inactiveFile"],
-  ["AnonPages", "anonPages"],
-  ["Mapped", "mapped"],
-  ["Shmem", "shmem"],
-  ["Dirty", "dirty"],
-  ["Writeback", "writeback"],
-];
+/** Meminfo fields that count part of RAM, so none can exceed MemTotal: all but the totals and swap. */
+const WITHIN_TOTAL = MEMINFO_FIELDS.filter(([field]) => field !== "MemTotal" && field !== "SwapTotal" && field !== "SwapFree");
 
 /** Every number in `value` (recursively), with its path, e.g. "meminfo.memFree". */
 function numbersIn(value: unknown, path: string, out: Array<[string, number]>): Array<[string, number]> {
