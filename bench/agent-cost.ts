@@ -30,6 +30,7 @@ import { SERVER_OPTIONS } from "../coordinator/server.js";
 import { addService } from "../shared/grpc-adapter.js";
 import type { Lab } from "../lab/lab.js";
 import { round } from "./stats.js";
+import { sleep } from "../shared/retry.js";
 
 const ROOT = resolve(import.meta.dirname, "..");
 const KiB = 1024;
@@ -146,7 +147,6 @@ interface CpuSnapshot {
 }
 
 const now = () => performance.timeOrigin + performance.now();
-const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
 function cpuFrom(start: CpuSnapshot, end: CpuSnapshot, notes: string[]): { cpuMs: number; source: "schedstat" | "stat"; ticksMs: number } {
   const ticksMs = ((end.ticks - start.ticks) * 1000) / CLOCK_TICKS_PER_SEC;

@@ -39,6 +39,7 @@ import { startCoordinator, type Coordinator } from "../coordinator/server.js";
 import { createLogger, type Logger } from "../shared/logger.js";
 import { FANOUT_MIGRATION_ID, type AgentCounters, type FromAgents, type ToAgents } from "./simulated-agents.js";
 import { round, roundSummary, summarize, type Summary } from "./stats.js";
+import { sleep } from "../shared/retry.js";
 
 const ROOT = resolve(import.meta.dirname, "..");
 const MiB = 1024 * 1024;
@@ -144,7 +145,6 @@ export interface FanoutResult {
 }
 
 const now = () => performance.timeOrigin + performance.now();
-const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
 /** A logger writing to /dev/null, opened once per process (pino may still write after a run ends). */
 let nullFd: number | undefined;

@@ -26,7 +26,7 @@ import { execa, type ResultPromise } from "execa";
 import { FailedPreconditionError, InvalidArgumentError, UnavailableError, errorMessage } from "../shared/errors.js";
 import type { Logger } from "../shared/logger.js";
 import { freePort } from "../shared/net.js";
-import { BACKOFF, Backoff } from "../shared/retry.js";
+import { BACKOFF, Backoff, sleep } from "../shared/retry.js";
 import type { DriverEvent, GuestMemoryStats, HypervisorDriver, MigrationSettings, VmFacts } from "./hypervisor.js";
 import type { MigrateStats } from "./qemu.js";
 import {
@@ -325,7 +325,7 @@ export class LibvirtDriver implements HypervisorDriver {
         this.log.debug({ err: errorMessage(err) }, "domjobinfo while waiting for the migration job");
       }
       if (Date.now() > until) throw new UnavailableError("virsh migrate: libvirt showed no migration job within 30 s");
-      await new Promise((r) => setTimeout(r, 100));
+      await sleep(100);
     }
     accepted = true;
     if (acceptedHook) setTimeout(acceptedHook, 0);
@@ -343,7 +343,7 @@ export class LibvirtDriver implements HypervisorDriver {
         return;
       } catch (err) {
         if (attempt >= 10 || !this.outgoingActive || !/before the start of migration|not active|no job/i.test(errorMessage(err))) throw err;
-        await new Promise((r) => setTimeout(r, 200));
+        await sleep(200);
       }
     }
   }
@@ -663,7 +663,7 @@ export class LibvirtDriver implements HypervisorDriver {
     for (let i = 0; i < 15; i++) {
       const s = await this.completedJob().catch(() => undefined);
       if (s) return s;
-      await new Promise((r) => setTimeout(r, 200));
+      await sleep(200);
     }
     return undefined;
   }
@@ -680,7 +680,7 @@ export class LibvirtDriver implements HypervisorDriver {
   /** The job-completed event's numbers: they arrive around the time `virsh migrate` returns; wait up to 2 s. */
   private async finalFromEvent(out: Outgoing): Promise<MigrateStats | undefined> {
     const until = Date.now() + 2000;
-    while (!out.completed && Date.now() < until) await new Promise((r) => setTimeout(r, 50));
+    while (!out.completed && Date.now() < until) await sleep(50);
     return out.completed;
   }
 

@@ -11,7 +11,7 @@
  */
 import { errorMessage } from "../shared/errors.js";
 import type { Logger } from "../shared/logger.js";
-import { BACKOFF, Backoff } from "../shared/retry.js";
+import { BACKOFF, Backoff, sleep } from "../shared/retry.js";
 import { freePort } from "../shared/net.js";
 import type { DriverEvent, GuestMemoryStats, HypervisorDriver, MigrationSettings, VmFacts } from "./hypervisor.js";
 import { Qemu, type MigrateStats } from "./qemu.js";
@@ -186,7 +186,7 @@ export class QmpDriver implements HypervisorDriver {
       } catch (err) {
         const delay = inspectBackoff.next();
         this.log.warn({ err: errorMessage(err), retryInMs: delay }, "QMP connected but the VM could not be inspected; retrying");
-        await new Promise((r) => setTimeout(r, delay));
+        await sleep(delay);
       }
     }
   }

@@ -18,6 +18,7 @@ import { isFinal, recordToProto, statsToProto, type MigrationRecord } from "./mi
 import type { MigrationStore } from "./migration-store.js";
 import { requireId, validateMigrateRequest } from "./validate.js";
 import type { VmSupervisor } from "./vm-supervisor.js";
+import { sleep } from "../shared/retry.js";
 
 /** Everything the handlers call into. */
 export interface Domain {
@@ -64,7 +65,7 @@ async function streamRecord(domain: Domain, id: string, signal: AbortSignal, sen
         dirty = false;
         await send(record);
         if (isFinal(record)) return;
-        await new Promise((r) => setTimeout(r, minGapMs));
+        await sleep(minGapMs);
         continue;
       }
       await new Promise<void>((r) => (wake = r));

@@ -15,7 +15,8 @@ import type { HostName, Lab } from "./lab.js";
 import type { GuestShell } from "./serial-shell.js";
 import type { VmHandle } from "./vm.js";
 
-export const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+import { sleep } from "../shared/retry.js";
+export { sleep };
 
 const FINAL = new Set([Phase.COMPLETED, Phase.FAILED, Phase.CANCELLED]);
 export const isFinalPhase = (p: Phase) => FINAL.has(p);

@@ -19,11 +19,11 @@ import { ensureGuestImage } from "./guest-image.js";
 import { TcpProxy } from "./proxies.js";
 import { GuestShell } from "./serial-shell.js";
 import { startVm } from "./vm.js";
+import { sleep } from "../shared/retry.js";
 
 const ROOT = resolve(import.meta.dirname, "..");
 const t0 = Date.now();
 const say = (what: string, data: Record<string, unknown> = {}) => console.log(JSON.stringify({ t: ((Date.now() - t0) / 1000).toFixed(1), what, ...data }));
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 async function main(): Promise<void> {
   const image = await ensureGuestImage({ agentBundle: join(ROOT, "dist/ballast-agent.mjs") });

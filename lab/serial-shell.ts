@@ -14,6 +14,7 @@
 import { createConnection, type Socket } from "node:net";
 import { DeadlineError, UnavailableError } from "../shared/errors.js";
 import { silentLogger, type Logger } from "../shared/logger.js";
+import { sleep } from "../shared/retry.js";
 
 /** Result of one shell command. */
 export interface ShellResult {
@@ -245,8 +246,4 @@ export class GuestShell {
     this.closedErr = err;
     for (const w of [...this.waiters]) w();
   }
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
 }

@@ -22,6 +22,7 @@ import path from "node:path";
 import { InvalidArgumentError, UnavailableError } from "../shared/errors.js";
 import { silentLogger, type Logger } from "../shared/logger.js";
 import type { GuestImage } from "./guest-image.js";
+import { sleep } from "../shared/retry.js";
 
 /** Options for {@link startVm}. */
 export interface StartVmOptions {
@@ -266,8 +267,4 @@ function tailFile(file: string): string {
   } catch {
     return "(no log)";
   }
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
 }
