@@ -27,7 +27,7 @@ import { MiB } from "../shared/units.js";
 import { BalloonController, type BalloonState } from "./balloon-controller.js";
 import { guardBalloonRequest } from "./balloon-guard.js";
 import type { MigrationDefaults, VmConfig } from "./config.js";
-import type { DriverEvent, HypervisorDriver } from "./hypervisor.js";
+import { FINAL_STATUSES, type DriverEvent, type HypervisorDriver } from "./hypervisor.js";
 import * as machine from "./migration-machine.js";
 import type { MigrationEvent } from "./migration-events.js";
 import { isFinal, statsFromProto, type MigrateParams, type MigrationRecord } from "./migration-record.js";
@@ -284,12 +284,23 @@ export class VmSupervisor {
   /** Destination: gets this VM's QEMU (started to receive) ready and returns the URI to send to. */
   async prepareIncoming(id: string, mode: MigrationMode): Promise<string> {
     const old = this.slot;
-    if (old && !machine.isDone(old.state) && old.state.params.direction === "incoming" && !old.state.seenActive) {
-      // An incoming migration whose source never started sending (cancelled or failed in PREPARE, or its
-      // QEMU replaced) would hold this VM forever: a new PrepareIncoming supersedes it.
-      const done = this.whenDone(old.record.id);
-      this.dispatch({ type: "failed", now: this.now(), error: `superseded by migration ${id}: the source never started sending this one` });
-      await withTimeout(done, 10_000, () => new UnavailableError(`VM ${this.name}: the superseded incoming migration ${old.record.id} did not end`));
+    if (old && !machine.isDone(old.state) && old.state.params.direction === "incoming") {
+      // An incoming migration whose source never started sending (cancelled or failed in PREPARE), or whose
+      // QEMU has no migration any more (replaced by a fresh one), would hold this VM: a new PrepareIncoming
+      // supersedes it. One still running in QEMU is not touched.
+      let status = "unknown";
+      try {
+        status = (await this.driver.queryMigration()).status;
+      } catch {
+        // Not reachable: decided by what the machine knows.
+      }
+      const gone = status === "none" || FINAL_STATUSES.has(status);
+      if (!old.state.seenActive || gone) {
+        const done = this.whenDone(old.record.id);
+        if (old.state.seenActive) this.dispatch({ type: "status", now: this.now(), status });
+        else this.dispatch({ type: "failed", now: this.now(), error: `superseded by migration ${id}: the source never started sending this one` });
+        await withTimeout(done, 10_000, () => new UnavailableError(`VM ${this.name}: the superseded incoming migration ${old.record.id} did not end`));
+      }
     }
     if (this.slot && !machine.isDone(this.slot.state)) {
       throw new FailedPreconditionError(`VM ${this.name} here is already in migration ${this.slot.record.id}`);

@@ -819,6 +819,7 @@ describe("incoming and failure text", { timeout: 10_000 }, () => {
     const h = harness({ driver: { runState: "inmigrate" } });
     await upAndReady(h);
     await h.sup.prepareIncoming("in-a", MigrationMode.PRECOPY);
+    h.driver.migration = migrateStats("active");
     h.driver.emit({ type: "migration-status", status: "active" });
     await expect(h.sup.prepareIncoming("in-b", MigrationMode.PRECOPY)).rejects.toThrow(/already in migration in-a/);
   });
@@ -832,5 +833,21 @@ describe("incoming and failure text", { timeout: 10_000 }, () => {
     const r = await h.sup.whenDone("m-ed");
     expect(r.phase).toBe(Phase.FAILED);
     expect(r.error).toBe("QEMU reports the migration failed: Unable to write to socket: Connection reset by peer");
+  });
+});
+
+describe("incoming whose QEMU was replaced", { timeout: 10_000 }, () => {
+  it("a new PrepareIncoming ends an incoming migration whose QEMU reports no migration any more", async () => {
+    const h = harness({ driver: { runState: "inmigrate" } });
+    await upAndReady(h);
+    await h.sup.prepareIncoming("in-x", MigrationMode.PRECOPY);
+    h.driver.emit({ type: "migration-status", status: "active" });
+    await sleep(50);
+    // The lab (or an operator) replaced the destination QEMU: a fresh one has no migration.
+    h.driver.migration = migrateStats("none");
+    await h.sup.prepareIncoming("in-y", MigrationMode.PRECOPY);
+    expect(h.store.get("in-x").phase).toBe(Phase.FAILED);
+    expect(h.store.get("in-x").error).toMatch(/no migration any more/);
+    expect(h.sup.view().migrationId).toBe("in-y");
   });
 });
