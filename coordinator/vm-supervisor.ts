@@ -146,6 +146,7 @@ export class VmSupervisor {
   private cleanupRunning = false;
   private lastRefreshAt = 0;
   private readonly shrinkBudget: TokenBucket;
+  private readonly prepareBudget: TokenBucket;
   private readonly refusedLog = new LogLimiter(10_000);
   private readonly refusedCount = new Map<string, number>();
   private readonly upWaiters = new Set<() => void>();
@@ -163,6 +164,7 @@ export class VmSupervisor {
     this.backstopBytes = options.backstopAvailableBytes ?? 64 * MiB;
     this.leaseStartAt = this.now();
     this.shrinkBudget = new TokenBucket(SHRINK_BURST, SHRINK_PER_SECOND, this.now());
+    this.prepareBudget = new TokenBucket(2, 1, this.now());
     this.driver.onEvent((e) => this.onDriverEvent(e));
   }
 
@@ -793,8 +795,16 @@ export class VmSupervisor {
     const current = ctl.targetBytes ?? ctl.actualBytes;
     if (current !== undefined && verdict.targetBytes === current) return { accepted: true, appliedBytes: current, why: "" };
     const grows = current === undefined || verdict.targetBytes > current;
-    if (!grows && !this.shrinkBudget.take(this.now())) {
-      return this.refuse(req, `rate limited: at most ${SHRINK_BURST} balloon shrinks at once and ${SHRINK_PER_SECOND} per second from the agent`);
+    // PREPARE (accepted by the guard only in its phase, for the migration named) has its own budget, so
+    // steady-state shrinks just before a migration cannot starve the one request the migration waits for.
+    const prepare = req.reason === BalloonReason.PREPARE;
+    if (!grows && !(prepare ? this.prepareBudget : this.shrinkBudget).take(this.now())) {
+      return this.refuse(
+        req,
+        prepare
+          ? "rate limited: at most 2 PREPARE targets at once and 1 per second from the agent"
+          : `rate limited: at most ${SHRINK_BURST} balloon shrinks at once and ${SHRINK_PER_SECOND} per second from the agent`,
+      );
     }
     try {
       const applied = await ctl.setTarget(verdict.targetBytes, {

@@ -851,3 +851,19 @@ describe("incoming whose QEMU was replaced", { timeout: 10_000 }, () => {
     expect(h.sup.view().migrationId).toBe("in-y");
   });
 });
+
+describe("the PREPARE budget", { timeout: 10_000 }, () => {
+  it("steady-state shrinks that spent the shrink budget do not starve the migration's PREPARE target", async () => {
+    const h = harness({ driver: { balloonActualBytes: 900 * MiB } });
+    await upAndReady(h);
+    const link = new FakeLink();
+    h.sup.attachAgent(link);
+    for (const t of [880, 860, 840, 820]) await h.sup.agentBalloonRequest(link, { targetBytes: t * MiB, reason: BalloonReason.STEADY_STATE, migrationId: "", detail: "" });
+    link.onPhase = (e) => {
+      if (e.phase === Phase.PREPARE) void h.sup.agentBalloonRequest(link, prepareRequest(e.migrationId, 512 * MiB));
+    };
+    h.driver.migration = migrateStats("active");
+    h.sup.startOutgoing(params({ prepareDeadlineMs: 3000 }), "m-pb");
+    await until(() => h.driver.balloonCalls.includes(512 * MiB), "the PREPARE target applied", 2000);
+  });
+});
