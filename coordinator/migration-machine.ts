@@ -112,6 +112,8 @@ export type MachineEvent =
   | { type: "destination-ready"; now: number; uri: string }
   | { type: "configured"; now: number }
   | { type: "prepare-requested"; now: number }
+  /** The agent acked PREPARE with nothing to give back (e.g. under memory pressure). */
+  | { type: "prepare-declined"; now: number }
   | { type: "balloon-settled"; now: number }
   | { type: "agent-detached"; now: number }
   | { type: "migrate-accepted"; now: number }
@@ -306,8 +308,8 @@ export function step(state: MachineState, ev: MachineEvent): Transition {
       } else if (ev.type === "balloon-settled" && s.prepareRequested) {
         s.balloonSettled = true;
         return issueMigrate(s, fx, ev.now);
-      } else if (ev.type === "agent-detached" && !s.prepareRequested) {
-        // The agent is gone before it asked for anything: nothing to wait for.
+      } else if ((ev.type === "agent-detached" || ev.type === "prepare-declined") && !s.prepareRequested) {
+        // The agent is gone, or said it has nothing to give, before it asked for anything: nothing to wait for.
         return issueMigrate(s, fx, ev.now);
       }
       break;

@@ -766,7 +766,13 @@ export class VmSupervisor {
     if (this.agent !== link) return;
     this.lastAgentMessageAt = this.now();
     const slot = this.slot;
-    if (slot && slot.record.id === ack.migrationId && ack.phase === Phase.PREPARE) this.recordAgentState(AgentState.READY);
+    if (slot && slot.record.id === ack.migrationId && ack.phase === Phase.PREPARE) {
+      this.recordAgentState(AgentState.READY);
+      // An ack whose target gives nothing back means no PREPARE request will come: migrate now, not at the deadline.
+      const held = this.balloon?.targetBytes ?? this.balloon?.actualBytes;
+      const target = Number(ack.targetBytes);
+      if (held !== undefined && !(target > 0 && target < held)) this.dispatch({ type: "prepare-declined", now: this.now() });
+    }
   }
 
   /**

@@ -455,3 +455,29 @@ describe("post-copy paused by a broken stream", () => {
     expect(types(s.effects)).not.toContain("recover");
   });
 });
+
+describe("PREPARE declined by the agent", () => {
+  it("an ack with nothing to give migrates at once, not at the deadline", () => {
+    const { effects } = feed(m.outgoing(params(), T), [
+      { type: "begin", now: 0 },
+      { type: "vm-checked", now: 0, runState: "running", balloonTargetBytes: 1024, agentAttached: true },
+      { type: "destination-ready", now: 0, uri: "u" },
+      { type: "configured", now: 0 },
+      { type: "prepare-declined", now: 300 },
+    ]);
+    expect(types(effects).at(-1)).toBe("migrate");
+    expect(effects).toContainEqual({ type: "timing", prepareMs: 300 });
+  });
+  it("after a request, a late 'declined' does not cut the inflation short", () => {
+    const s = feed(m.outgoing(params(), T), [
+      { type: "begin", now: 0 },
+      { type: "vm-checked", now: 0, runState: "running", balloonTargetBytes: 1024, agentAttached: true },
+      { type: "destination-ready", now: 0, uri: "u" },
+      { type: "configured", now: 0 },
+      { type: "prepare-requested", now: 100 },
+      { type: "prepare-declined", now: 200 },
+    ]);
+    expect(types(s.effects)).not.toContain("migrate");
+    expect(s.state.step).toBe("prepare");
+  });
+});
