@@ -8,9 +8,11 @@
 import { expect, onTestFailed } from "vitest";
 import { Phase } from "../../gen/ballast/v1/common_pb.js";
 import type { Migration } from "../../gen/ballast/v1/migration_pb.js";
+import { errorMessage } from "../../shared/errors.js";
 import { MiB } from "../../shared/units.js";
 import type { HostName, Lab } from "../../lab/lab.js";
 import {
+  grpcCode,
   guestAlive,
   logTail,
   qemuMigrateStatus,
@@ -129,4 +131,15 @@ export async function expectOutcome(lab: Lab, mig: RunningMigration, o: OutcomeO
 export async function currentTarget(lab: Lab, host: HostName = lab.active): Promise<number> {
   const v = await lab.waitVm(host, (x) => x.qmpConnected && x.balloon !== undefined, `balloon known on host ${host}`, 30_000);
   return Number(v.balloon?.targetBytes ?? 0n);
+}
+
+/** Calls CancelMigration on `host` and times it; never throws: a refusal comes back as its gRPC code and message. */
+export async function timedCancel(lab: Lab, host: HostName, id: string): Promise<{ ms: number; phase?: Phase; code?: number; err?: string }> {
+  const t = Date.now();
+  try {
+    const res = await lab.hosts[host].migrations.cancelMigration({ id }, { deadlineMs: 20_000 });
+    return { ms: Date.now() - t, phase: res.migration?.phase };
+  } catch (err) {
+    return { ms: Date.now() - t, code: grpcCode(err), err: errorMessage(err) };
+  }
 }

@@ -6,11 +6,10 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { BalloonStrategy, MigrationMode, Phase } from "../../gen/ballast/v1/common_pb.js";
-import { errorMessage } from "../../shared/errors.js";
 import { Lab } from "../../lab/lab.js";
 import { cacheRead, startHotWriter } from "../../lab/workloads.js";
-import { beginMigration, grpcCode, sleep, stopGuestWorkloads } from "../../lab/faults.js";
-import { currentTarget, dumpLogsOnFailure, expectOutcome } from "../helpers/fault-checks.js";
+import { beginMigration, sleep, stopGuestWorkloads } from "../../lab/faults.js";
+import { currentTarget, dumpLogsOnFailure, expectOutcome, timedCancel } from "../helpers/fault-checks.js";
 
 let lab: Lab;
 let lastCompletedId = "";
@@ -27,15 +26,6 @@ afterAll(async () => {
 
 const FAILED_PRECONDITION = 9;
 
-async function cancel(host: "a" | "b", id: string): Promise<{ ms: number; phase?: Phase; code?: number; err?: string }> {
-  const t = Date.now();
-  try {
-    const res = await lab.hosts[host].migrations.cancelMigration({ id }, { deadlineMs: 20_000 });
-    return { ms: Date.now() - t, phase: res.migration?.phase };
-  } catch (err) {
-    return { ms: Date.now() - t, code: grpcCode(err), err: errorMessage(err) };
-  }
-}
 
 describe("fault matrix: cancel in every phase", () => {
   it("during PREPARE: CANCELLED, balloon restored, guest on the source", async () => {
@@ -45,7 +35,7 @@ describe("fault matrix: cancel in every phase", () => {
     await mig.phase(Phase.PREPARE, 30_000);
     // Let the inflation begin, so there is something to restore.
     await sleep(700);
-    const c = await cancel(mig.source, mig.id);
+    const c = await timedCancel(lab, mig.source, mig.id);
     console.log(`cancel in PREPARE: ${c.ms} ms, ${c.err ?? Phase[c.phase ?? 0]}`);
     expect(c.err).toBeUndefined();
     expect(c.ms).toBeLessThan(10_000);
@@ -61,7 +51,7 @@ describe("fault matrix: cancel in every phase", () => {
     const mig = await beginMigration(lab, { balloonStrategy: BalloonStrategy.INFLATE_THEN_MIGRATE, prepareDeadlineMs: 15_000, maxBandwidthBytesPerSec: 20_000_000n });
     await mig.phase(Phase.PRECOPY_PASS, 60_000);
     await sleep(1000);
-    const c = await cancel(mig.source, mig.id);
+    const c = await timedCancel(lab, mig.source, mig.id);
     console.log(`cancel in PRECOPY_PASS: ${c.ms} ms, ${c.err ?? Phase[c.phase ?? 0]}`);
     expect(c.err).toBeUndefined();
     expect(c.ms).toBeLessThan(10_000);
@@ -81,7 +71,7 @@ describe("fault matrix: cancel in every phase", () => {
       maxBandwidthBytesPerSec: 12_500_000n,
     });
     await mig.phase(Phase.POSTCOPY_ACTIVE, 120_000);
-    const c = await cancel(mig.source, mig.id);
+    const c = await timedCancel(lab, mig.source, mig.id);
     console.log(`cancel in POSTCOPY_ACTIVE: ${c.ms} ms, code ${c.code}, ${c.err ?? Phase[c.phase ?? 0]}`);
     expect(c.ms).toBeLessThan(10_000);
     expect(c.code).toBe(FAILED_PRECONDITION);
@@ -103,7 +93,7 @@ describe("fault matrix: cancel in every phase", () => {
       id = m.id;
       host = lab.other;
     }
-    const c = await cancel(host, id);
+    const c = await timedCancel(lab, host, id);
     console.log(`cancel after the end: ${c.ms} ms, code ${c.code}, ${c.err}`);
     expect(c.ms).toBeLessThan(5000);
     expect(c.code).toBe(FAILED_PRECONDITION);

@@ -8,12 +8,11 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { BalloonStrategy, Phase } from "../../gen/ballast/v1/common_pb.js";
-import { errorMessage } from "../../shared/errors.js";
 import { freePort } from "../../shared/net.js";
 import { Lab } from "../../lab/lab.js";
 import { cacheRead } from "../../lab/workloads.js";
-import { beginMigration, grpcCode, restartQemu, sleep, waitFinal } from "../../lab/faults.js";
-import { currentTarget, dumpLogsOnFailure, expectOutcome } from "../helpers/fault-checks.js";
+import { beginMigration, restartQemu, sleep, waitFinal } from "../../lab/faults.js";
+import { currentTarget, dumpLogsOnFailure, expectOutcome, timedCancel } from "../helpers/fault-checks.js";
 
 let lab: Lab;
 
@@ -28,16 +27,6 @@ afterAll(async () => {
 
 const FINAL = [Phase.COMPLETED, Phase.FAILED, Phase.CANCELLED];
 
-/** Calls CancelMigration and times it; never throws. */
-async function timedCancel(host: "a" | "b", id: string): Promise<{ ms: number; phase?: Phase; code?: number; err?: string }> {
-  const t = Date.now();
-  try {
-    const res = await lab.hosts[host].migrations.cancelMigration({ id }, { deadlineMs: 20_000 });
-    return { ms: Date.now() - t, phase: res.migration?.phase };
-  } catch (err) {
-    return { ms: Date.now() - t, code: grpcCode(err), err: errorMessage(err) };
-  }
-}
 
 describe("fault matrix: QMP trouble on the source", () => {
   it("(a) the QMP connection drops mid pre-copy: the coordinator notices, cancel answers, the outcome is consistent", async () => {
@@ -54,7 +43,7 @@ describe("fault matrix: QMP trouble on the source", () => {
     // The loss is visible within seconds.
     await lab.waitVm(source, (v) => !v.qmpConnected, "GetVm shows QMP down", 15_000);
     const lossVisibleS = (Date.now() - cutAt) / 1000;
-    const cancel = await timedCancel(source, mig.id);
+    const cancel = await timedCancel(lab, source, mig.id);
     console.log(`QMP cut: visible after ${lossVisibleS.toFixed(1)} s; cancel while down answered in ${cancel.ms} ms: ${cancel.err ?? Phase[cancel.phase ?? 0]}`);
     expect(cancel.ms).toBeLessThan(5000);
     await sleep(3000);
@@ -79,7 +68,7 @@ describe("fault matrix: QMP trouble on the source", () => {
     const noticed = await waitFinal(lab, source, mig.id, 15_000).catch(() => undefined);
     const surfacedS = (Date.now() - killedAt) / 1000;
     console.log(`QEMU replaced: ${noticed ? `record ${Phase[noticed.phase]} ${surfacedS.toFixed(1)} s after the kill: ${noticed.error}` : "record still not final 15 s after the kill"}`);
-    const cancel = await timedCancel(source, mig.id);
+    const cancel = await timedCancel(lab, source, mig.id);
     console.log(`QEMU replaced: cancel answered in ${cancel.ms} ms: ${cancel.err ?? Phase[cancel.phase ?? 0]}`);
     expect(cancel.ms).toBeLessThan(5000);
     const rec = await waitFinal(lab, source, mig.id, 30_000);
@@ -139,7 +128,7 @@ describe("fault matrix: QMP trouble on the source", () => {
       console.log(`QEMU refused: FAILED ${out.finalAfterS.toFixed(1)} s after Migrate: ${out.record.error}`);
       expect(out.finalAfterS).toBeLessThan(6 + 15);
       expect(Number(migrateAt)).toBeGreaterThan(0);
-      const cancel = await timedCancel(mig.source, mig.id);
+      const cancel = await timedCancel(lab, mig.source, mig.id);
       expect(cancel.ms).toBeLessThan(5000);
       expect(cancel.code).toBe(9); // FAILED_PRECONDITION: already final
     } finally {
